@@ -1,0 +1,188 @@
+"""Hessian imitation: the auxiliary loss of LEHI and the rules that draw its vector v.
+
+For a batch of N loss terms with outputs z_n = p(w, x_n) (logits, predictions), the auxiliary
+loss is
+
+    L_aux(w) = (1/N) Σ_n v_n · z_n(w),      v_n detached,
+
+with E[v_n] = 0 and E[v_n v_nᵀ] = H_z(z_n, y_n), the Hessian of the per-term loss with respect
+to the output. Its gradient (1/N) Σ_n J_nᵀ v_n costs one extra backward pass through the
+training graph, and h = (∇L_aux)² satisfies E[h] = (1/N²) Σ_n diag(J_nᵀ H_z J_n): the diagonal
+of the mini-batch Gauss–Newton matrix divided by N (see ../shared/docs/METHOD.md).
+
+This module is the only place that knows how v is drawn for each loss. A loss rule bundles the
+loss itself (as the trainer computes it), the draw of v and the count N of loss terms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOSS_RULES",
+    "LossRule",
+    "aux_loss",
+    "aux_vector",
+    "get_loss_rule",
+    "num_loss_terms",
+    "per_example_curvature",
+]
+
+
+@dataclass(frozen=True)
+class LossRule:
+    """How one loss is computed, how many terms it averages, and how its v is drawn."""
+
+    loss: Callable[[Tensor, Tensor, int], Tensor]
+    num_terms: Callable[[Tensor, Tensor, int], int]
+    draw_v: Callable[[Tensor, Tensor, torch.Generator, int], Tensor]
+
+
+def _cross_entropy_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(
+        outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def _cross_entropy_terms(outputs: Tensor, targets: Tensor, ignore_index: int) -> int:
+    return int((targets != ignore_index).sum().item())
+
+
+def _cross_entropy_v(
+    outputs: Tensor, targets: Tensor, generator: torch.Generator, ignore_index: int
+) -> Tensor:
+    """v = softmax(z) − onehot(ĉ), ĉ ~ Categorical(softmax(z)); v = 0 for ignored targets.
+
+    Cov(onehot(ĉ)) = diag(p) − p pᵀ, the Hessian of softmax cross-entropy in z, so
+    E[v vᵀ] = H_z exactly.
+    """
+    num_classes = outputs.shape[-1]
+    probs = torch.softmax(outputs.detach().float().reshape(-1, num_classes), dim=-1)
+    sampled = torch.multinomial(probs, 1, generator=generator)
+    v = probs.scatter_add(1, sampled, torch.full_like(sampled, -1.0, dtype=probs.dtype))
+    keep = (targets.reshape(-1) != ignore_index).unsqueeze(1)
+    return (v * keep).reshape(outputs.shape).to(outputs.dtype)
+
+
+def _mse_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    return F.mse_loss(outputs, targets.reshape(outputs.shape))
+
+
+def _mse_terms(outputs: Tensor, targets: Tensor, ignore_index: int) -> int:
+    return outputs.shape[0]
+
+
+def _mse_v(
+    outputs: Tensor, targets: Tensor, generator: torch.Generator, ignore_index: int
+) -> Tensor:
+    """v = sqrt(c)·ξ, ξ Rademacher, c = 2/q: the Hessian diagonal of PyTorch's MSELoss(mean).
+
+    F.mse_loss averages over N examples × q outputs, so each example's term is
+    (1/q)‖z − y‖², whose Hessian in z is (2/q)·I.
+    """
+    per_example = outputs[0].numel() if outputs.dim() > 1 else 1
+    signs = torch.randint(
+        0, 2, outputs.shape, generator=generator, device=outputs.device, dtype=torch.int8
+    )
+    scale = math.sqrt(2.0 / per_example)
+    return (signs.to(outputs.dtype) * 2 - 1) * scale
+
+
+LOSS_RULES: dict[str, LossRule] = {
+    "cross_entropy": LossRule(_cross_entropy_loss, _cross_entropy_terms, _cross_entropy_v),
+    "mse": LossRule(_mse_loss, _mse_terms, _mse_v),
+}
+
+
+def get_loss_rule(loss: str) -> LossRule:
+    """The rule registered for ``loss``; a ValueError lists the supported losses otherwise."""
+    try:
+        return LOSS_RULES[loss]
+    except KeyError:
+        known = ", ".join(sorted(LOSS_RULES))
+        raise ValueError(
+            f"loss={loss!r} has no Hessian-imitation rule; supported losses: {known}"
+        ) from None
+
+
+def aux_vector(
+    loss: str,
+    outputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    *,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Draw v (detached, shaped like ``outputs``) with E[v] = 0 and E[v vᵀ] = H_z per term."""
+    return get_loss_rule(loss).draw_v(outputs.detach(), targets, generator, ignore_index)
+
+
+def num_loss_terms(loss: str, outputs: Tensor, targets: Tensor, ignore_index: int = -100) -> int:
+    """N: the number of terms the loss averages (tokens for LMs, examples otherwise)."""
+    return get_loss_rule(loss).num_terms(outputs, targets, ignore_index)
+
+
+def aux_loss(
+    loss: str,
+    outputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    *,
+    ignore_index: int = -100,
+) -> tuple[Tensor, int]:
+    """The auxiliary loss (1/N) Σ_n v_n · z_n on the training graph, and N.
+
+    N is at least 1 so a batch whose targets are all ignored gives a zero auxiliary loss.
+    """
+    v = aux_vector(loss, outputs, targets, generator, ignore_index=ignore_index)
+    n = max(num_loss_terms(loss, outputs, targets, ignore_index), 1)
+    return (v * outputs).sum() / n, n
+
+
+def per_example_curvature(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss: str,
+    generator: torch.Generator,
+    *,
+    params: Sequence[str] | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """Exact per-example mode: Σ_n (J_nᵀ v_n)² / N², without cross-sample noise.
+
+    Where h = ((1/N) Σ_n J_nᵀ v_n)² mixes the examples (cross terms with zero mean), this sums
+    the squares of the per-example terms, which has the same expectation,
+    (1/N²) Σ_n diag(J_nᵀ H_z J_n), and far less variance. Costs one per-example gradient for
+    every example (torch.func.vmap): meant for checking the estimator on small models.
+
+    Returns a dict name → tensor for the named parameters (all trainable ones by default).
+    Each example must be its own batch element: ``inputs[n]`` → one row of outputs (for
+    sequence outputs the tokens of row n form that example's terms).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        names = [n for n in names if n in set(params)]
+    detached = {n: p.detach() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        outputs = model(inputs)
+    v = aux_vector(loss, outputs, targets, generator, ignore_index=ignore_index)
+    n_terms = max(num_loss_terms(loss, outputs, targets, ignore_index), 1)
+
+    def example_aux(trainable: dict[str, Tensor], x: Tensor, v_n: Tensor) -> Tensor:
+        out = functional_call(model, {**detached, **trainable}, (x.unsqueeze(0),))
+        return (out.squeeze(0) * v_n).sum()
+
+    trainable = {n: detached[n] for n in names}
+    per_example = vmap(grad(example_aux), in_dims=(None, 0, 0), randomness="same")(
+        trainable, inputs, v
+    )
+    return {n: g.pow(2).sum(0) / n_terms**2 for n, g in per_example.items()}

@@ -1,0 +1,205 @@
+"""SophiaG (Liu et al., 2024) as published, on this suite's curvature pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from lehi.optim.base import CurvatureOptimizer, check_hyperparameters
+
+__all__ = ["SophiaG"]
+
+
+class SophiaG(CurvatureOptimizer):
+    r"""SophiaG: clipped, curvature-preconditioned momentum (the official algorithm).
+
+    .. math::
+        \begin{aligned}
+        &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        &\textbf{every } k \textbf{ steps: } h \leftarrow \beta_2 h + (1-\beta_2)\,\hat g\odot\hat g \\
+        &w_t \leftarrow w_{t-1}(1 - \alpha\lambda) \\
+        &w_t \leftarrow w_t - \alpha\,\mathrm{sign}(m_t)\,
+            \min\!\Big(\frac{|m_t|}{\rho N h + 10^{-15}},\, 1\Big)
+        \end{aligned}
+
+    ĝ is the gradient of the loss against labels sampled from the model (for cross-entropy;
+    Gaussian-like Rademacher targets for MSE, the author's advice): exactly the unscaled
+    auxiliary gradient of lehi.curvature. N is the number of loss terms of the batch (the
+    official ``bs``). No bias correction. As in the official training loop, ĝ is clipped to
+    norm ``curvature_grad_clip`` (default 1.0; None disables) before it enters the EMA.
+
+    One deliberate difference from the official loop, which refreshes h after steps k, 2k, …
+    with a separate forward pass: here h is refreshed on steps 1, 1 + k, … from the training
+    forward pass (one forward per step for every optimizer in the suite).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate α; default 1e-4.
+        betas: (β1, β2); default (0.965, 0.99).
+        rho: ρ; default 0.04.
+        weight_decay: decoupled weight decay λ; default 0.1.
+        loss, ignore_index, seed, foreach: as for :class:`lehi.optim.LEHI`.
+        hessian_every: k; default 10.
+        curvature_grad_clip: max norm of ĝ over all parameters; default 1.0.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 1e-1,
+        *,
+        loss: str = "cross_entropy",
+        hessian_every: int = 10,
+        curvature_grad_clip: float | None = 1.0,
+        ignore_index: int = -100,
+        seed: int | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        check_hyperparameters(
+            lr=lr, betas=betas, eps=0.0, weight_decay=weight_decay, hessian_every=hessian_every
+        )
+        if not rho > 0.0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        if curvature_grad_clip is not None and not curvature_grad_clip > 0.0:
+            raise ValueError(f"curvature_grad_clip must be > 0 or None, got {curvature_grad_clip}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            hessian_every=hessian_every,
+            foreach=foreach,
+        )
+        super().__init__(
+            params,
+            defaults,
+            loss=loss,
+            ignore_index=ignore_index,
+            seed=seed,
+            estimator="sampled",
+            estimators=("sampled",),
+        )
+        self.curvature_grad_clip = curvature_grad_clip
+        # Clipping needs the joint norm of every auxiliary gradient before any is folded.
+        self._streams_curvature = curvature_grad_clip is None
+
+    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _prepare_aux_grads(self, grads: list[Tensor]) -> None:
+        if self.curvature_grad_clip is None or not grads:
+            return
+        # The same rule as torch.nn.utils.clip_grad_norm_, applied to ĝ.
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(self.curvature_grad_clip / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+
+    def _fold(self, p: Tensor, group: dict[str, Any], h: Tensor, n: int) -> None:
+        beta2 = group["betas"][1]
+        self._state_for(p)["hessian"].mul_(beta2).add_(h, alpha=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, closure=None, bs: int | None = None):  # noqa: ANN001 - torch.optim's signature
+        """One step; ``bs`` (N, loss terms per step) defaults to the last curvature pass's N."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_curvature_arrived()
+        bs = self.num_loss_terms if bs is None else bs
+        if bs is None:
+            raise RuntimeError("SophiaG needs N: call optimizer.backward(...) or step(bs=N)")
+        for group in self.param_groups:
+            params, grads, exp_avgs, hessians, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SophiaG does not support sparse gradients")
+                state = self._state_for(p)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                _, foreach = _default_to_fused_or_foreach(params, False, False)
+            update = _multi_tensor_sophiag if foreach else _single_tensor_sophiag
+            update(
+                params,
+                grads,
+                exp_avgs,
+                hessians,
+                steps,
+                bs=bs,
+                beta1=group["betas"][0],
+                rho=group["rho"],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+            )
+        return loss
+
+
+def _single_tensor_sophiag(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    steps: list[Tensor],
+    *,
+    bs: int,
+    beta1: float,
+    rho: float,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    for param, grad, exp_avg, hess, step in zip(params, grads, exp_avgs, hessians, steps):
+        step += 1
+        param.mul_(1 - lr * weight_decay)
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        ratio = (exp_avg.abs() / (rho * bs * hess + 1e-15)).clamp(None, 1)
+        param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+
+
+def _multi_tensor_sophiag(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    steps: list[Tensor],
+    *,
+    bs: int,
+    beta1: float,
+    rho: float,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, hessians, steps]
+    )
+    for (dev_params, dev_grads, dev_m, dev_h, dev_steps), _ in grouped.values():
+        torch._foreach_add_(dev_steps, 1)
+        torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
+        torch._foreach_mul_(dev_m, beta1)
+        torch._foreach_add_(dev_m, dev_grads, alpha=1 - beta1)
+        denom = torch._foreach_mul(dev_h, rho * bs)
+        torch._foreach_add_(denom, 1e-15)
+        ratio = torch._foreach_abs(dev_m)
+        torch._foreach_div_(ratio, denom)
+        torch._foreach_clamp_max_(ratio, 1)
+        torch._foreach_addcmul_(dev_params, torch._foreach_sign(dev_m), ratio, value=-lr)
