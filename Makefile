@@ -32,3 +32,6 @@ run: $(STAMP)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+figures: $(STAMP)
+	$(PY) plots/make_figures.py --root $(RESULTS) --out plots/figures

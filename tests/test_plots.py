@@ -1,0 +1,268 @@
+"""The figure scripts render from a small results tree; checked through matplotlib objects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import same_color, to_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `plots` is a folder of scripts at the repo root
+    sys.path.insert(0, str(REPO))
+
+from lehi.results import Results, collect  # noqa: E402
+from plots import cost, loss_curves, lr_sensitivity, make_figures  # noqa: E402
+from plots.style import PALETTE, label  # noqa: E402
+
+EVAL_STEPS = np.array([10, 20, 30, 40, 50])
+BASES = {  # optimizer -> lr -> base of the validation curve
+    "adam": {1e-3: 0.6, 1e-2: 0.4, 1e-1: 0.9},
+    "lehi": {1e-3: 0.5, 1e-2: 0.3, 1e-1: 0.35},
+    "sophia": {1e-3: 0.55, 1e-2: 0.7, 1e-1: 0.9},
+}
+SEEDS = {"adam": (0, 1), "lehi": (0, 1), "sophia": (0,)}
+DIVERGED = {("adam", 1e-1, 0), ("adam", 1e-1, 1), ("lehi", 1e-1, 1), ("sophia", 1e-1, 0)}
+SECONDS_PER_STEP = {"adam": 0.010, "lehi": 0.016, "sophia": 0.011}
+
+
+def val_curve(base: float, seed: int) -> np.ndarray:
+    return base * (1 + 1.0 / np.arange(1, 6)) + 0.01 * seed
+
+
+def step_time(opt: str, seed: int) -> float:
+    return SECONDS_PER_STEP[opt] * (1 + 0.1 * seed)
+
+
+def final_loss(opt: str, lr: float, seed: int) -> float:
+    return float(val_curve(BASES[opt][lr], seed)[-3:].mean())
+
+
+def write_tree(root: Path) -> None:
+    """Runs in the trainer's format (config.yaml, metrics.csv, summary.json)."""
+    for opt, lrs in BASES.items():
+        for lr, base in lrs.items():
+            for seed in SEEDS[opt]:
+                run = root / "digits" / opt / f"lr={lr:g}" / f"seed={seed}"
+                run.mkdir(parents=True)
+                (run / "config.yaml").write_text(
+                    f"experiment:\n  name: digits\n  scale: small\ndataset:\n  name: digits\n"
+                    f"optimizer:\n  name: {opt}\n  lr: {lr}\nseed: {seed}\n"
+                )
+                diverged = (opt, lr, seed) in DIVERGED
+                tps, passes = step_time(opt, seed), int(opt == "lehi")
+                vals = val_curve(base, seed)[: 2 if diverged else 5]
+                rows = ["step,epoch,split,loss,metric,lr,wall_time,train_time,curvature_passes"]
+                for i, (step, val) in enumerate(zip(EVAL_STEPS, vals, strict=False)):
+                    rows.append(
+                        f"{step - 5},{i + 1},train,{val + 0.05},0.5,{lr},"
+                        f"{(step - 5) * tps + 0.2 * i},{(step - 5) * tps},"
+                        f"{(step - 5) * passes}"
+                    )
+                    rows.append(
+                        f"{step},{i + 1},val,{val},{1 - val},{lr},"
+                        f"{step * tps + 0.2 * (i + 1)},{step * tps},{step * passes}"
+                    )
+                (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+                steps = 20 if diverged else 50
+                (run / "summary.json").write_text(
+                    json.dumps(
+                        {
+                            "status": "diverged" if diverged else "completed",
+                            "experiment": "digits",
+                            "scale": "small",
+                            "dataset": "digits",
+                            "optimizer": opt,
+                            "lr": lr,
+                            "seed": seed,
+                            "metric": "accuracy",
+                            "steps": steps,
+                            "epochs": 5,
+                            "final": {
+                                "val_loss": None if diverged else vals[-1],
+                                "val_metric": None if diverged else 1 - vals[-1],
+                                "train_loss": None,
+                            },
+                            "best": {"val_loss": float(vals.min()), "val_metric": None, "step": 50},
+                            "last3": {
+                                "val_loss_mean": None if diverged else float(vals[-3:].mean()),
+                                "val_loss_std": None if diverged else float(vals[-3:].std(ddof=1)),
+                                "n": 0 if diverged else 3,
+                            },
+                            "wall_time": steps * tps + 1.0,
+                            "train_time": steps * tps,
+                            "steps_per_s": 1 / tps,
+                            "curvature_passes": steps * passes,
+                            "diverged_at_step": 20 if diverged else None,
+                            "error": None,
+                        }
+                    )
+                )
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("plots") / "results"
+    write_tree(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def res(tree: Path) -> Results:
+    return collect(tree)
+
+
+def lines_labelled(ax, text: str) -> list:
+    return [line for line in ax.get_lines() if line.get_label() == text]
+
+
+def test_lr_sensitivity(res: Results) -> None:
+    figs = lr_sensitivity.figures(res)
+    assert list(figs) == ["lr_sensitivity_digits_small"]
+    (ax,) = figs["lr_sensitivity_digits_small"].axes
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "learning rate" in ax.get_xlabel()
+    assert "final validation loss" in ax.get_ylabel() and "nats" in ax.get_ylabel()
+    assert "digits" in ax.get_title() and "small" in ax.get_title()
+    for opt in BASES:
+        (line,) = lines_labelled(ax, label(opt))
+        assert same_color(line.get_color(), PALETTE[opt])
+        eligible = [
+            lr for lr in BASES[opt] if not any((opt, lr, s) in DIVERGED for s in SEEDS[opt])
+        ]
+        np.testing.assert_allclose(line.get_xdata(), eligible)
+        expected = [np.mean([final_loss(opt, lr, s) for s in SEEDS[opt]]) for lr in eligible]
+        np.testing.assert_allclose(line.get_ydata(), expected)
+        (marks,) = lines_labelled(ax, f"_{opt} diverged")
+        np.testing.assert_allclose(marks.get_xdata(), [1e-1])
+        assert marks.get_marker() == "x" and same_color(marks.get_color(), PALETTE[opt])
+    adam_best = np.mean([final_loss("adam", 1e-2, s) for s in SEEDS["adam"]])
+    (ref,) = [
+        line for line in ax.get_lines() if line.get_label().startswith("best Adam final val loss")
+    ]
+    assert ref.get_linestyle() == "--"
+    np.testing.assert_allclose(ref.get_ydata(), adam_best)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["Adam", "Sophia", "LEHI"]
+    assert legend[3] == ref.get_label() and "diverged" in legend[4]
+    assert "1 seed" in ax.get_legend().get_title().get_text()
+    bands = ax.collections
+    assert len(bands) == 3
+    for band, opt in zip(bands, ("adam", "sophia", "lehi"), strict=True):
+        assert np.allclose(band.get_facecolor()[0][:3], to_rgb(PALETTE[opt]))
+    # Sophia has one seed: its band is ±2 × the std over the run's own last 3 evaluations
+    top = bands[1].get_paths()[0].vertices[:, 1].max()
+    last3 = val_curve(BASES["sophia"][1e-2], 0)[-3:]
+    assert top == pytest.approx(last3.mean() + 2 * last3.std(ddof=1))
+
+
+def test_loss_curves(res: Results) -> None:
+    fig = loss_curves.figures(res)["loss_curves_digits_small"]
+    axes = fig.axes
+    assert len(axes) == 4
+    assert all(ax.get_yscale() == "log" for ax in axes)
+    assert "step" in axes[0].get_xlabel() and "time (s" in axes[1].get_xlabel()
+    assert "training loss" in axes[0].get_ylabel() and "validation loss" in axes[2].get_ylabel()
+    best_lr = {"adam": 1e-2, "lehi": 1e-2, "sophia": 1e-3}
+    for ax in axes:
+        for opt, lr in best_lr.items():
+            (line,) = lines_labelled(ax, f"{label(opt)} (lr={lr:g})")
+            assert same_color(line.get_color(), PALETTE[opt])
+    seeds = SEEDS["lehi"]
+    val_mean = np.mean([val_curve(0.3, s) for s in seeds], axis=0)
+    (by_step,) = lines_labelled(axes[2], "LEHI (lr=0.01)")
+    np.testing.assert_allclose(by_step.get_xdata(), EVAL_STEPS)
+    np.testing.assert_allclose(by_step.get_ydata(), val_mean)
+    (by_time,) = lines_labelled(axes[3], "LEHI (lr=0.01)")
+    np.testing.assert_allclose(
+        by_time.get_xdata(), EVAL_STEPS * np.mean([step_time("lehi", s) for s in seeds])
+    )
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert legend == ["Adam (lr=0.01)", "Sophia (lr=0.001)", "LEHI (lr=0.01)"]
+
+
+def test_cost(res: Results) -> None:
+    table = cost.cost_table(res).set_index("optimizer")
+    ms = {
+        opt: [
+            1000 * step_time(opt, s)
+            for lr in BASES[opt]
+            for s in SEEDS[opt]
+            if (opt, lr, s) not in DIVERGED
+        ]
+        for opt in BASES
+    }
+    for opt in BASES:
+        assert table.loc[opt, "ms_per_step_mean"] == pytest.approx(np.mean(ms[opt]))
+        assert table.loc[opt, "n_runs"] == len(ms[opt])
+    assert table.loc["lehi", "overhead_pct"] == pytest.approx(
+        100 * (np.mean(ms["lehi"]) / np.mean(ms["adam"]) - 1)
+    )
+    assert table.loc["lehi", "curvature_passes_per_step"] == 1
+    fig = cost.figures(res)["cost_digits_small"]
+    left, right = fig.axes
+    assert "(ms)" in left.get_ylabel() and "(%)" in right.get_ylabel()
+    for ax in (left, right):
+        colours = [p.get_facecolor() for p in ax.patches]
+        assert len(colours) == 3
+        for c, opt in zip(colours, ("adam", "sophia", "lehi"), strict=True):
+            assert same_color(c[:3], PALETTE[opt])
+    assert [t.get_text() for t in left.get_xticklabels()] == ["Adam", "Sophia", "LEHI"]
+
+
+def test_figure_list() -> None:
+    # make_figures runs every producer in one list; another figure is one more entry
+    assert make_figures.FIGURES == [lr_sensitivity.make, loss_curves.make, cost.make]
+
+
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    return subprocess.run(
+        [python, str(REPO / "plots" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_figures_end_to_end(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures"
+    proc = run_script("make_figures.py", "--root", str(tree), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        [
+            "cost.md",
+            *(
+                f"{k}_digits_small.{ext}"
+                for k in ("lr_sensitivity", "loss_curves", "cost")
+                for ext in ("png", "pdf")
+            ),
+        ]
+    )
+    for path in out.iterdir():
+        head = path.read_bytes()[:5]
+        assert head == {".png": b"\x89PNG\r", ".pdf": b"%PDF-", ".md": b"# Ste"}[path.suffix]
+    assert "digits — scale: small" in (tree / "summary.md").read_text()
+    assert (tree / "summary.csv").exists() and (tree / "significance.csv").exists()
+    assert f"wrote {out / 'cost.md'}" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["make_figures.py", "lr_sensitivity.py"])
+def test_empty_root_guidance(script: str, tmp_path: Path) -> None:
+    proc = run_script(script, "--root", str(tmp_path / "results"), "--out", str(tmp_path / "f"))
+    assert proc.returncode == 1
+    message = proc.stderr.strip()
+    assert message == (
+        f"no results under {tmp_path / 'results'}: run `make sweep EXP=digits` "
+        "first (any experiment works), then `make figures`"
+    )
+    assert not (tmp_path / "f").exists()

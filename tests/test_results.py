@@ -1,0 +1,311 @@
+"""lehi.results on a small hand-made results tree written in the trainer's on-disk format.
+
+Every run's validation losses are ``base + OFFSETS`` at EVAL_STEPS, so its final validation
+loss (mean of the last 3 evaluations) is exactly ``base``; the expected tables below are
+worked out by hand from the bases, the offsets and the step times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from lehi import results as R
+
+EVAL_STEPS = (10, 20, 30, 40, 50)
+OFFSETS = (0.3, 0.15, 0.05, 0.0, -0.05)  # last 3 average to 0, so the final loss is the base
+EVAL_SECONDS = 0.25  # evaluation time: in wall_time, never in train_time
+
+# (optimizer, lr) -> bases per seed; None = that seed diverged
+GRID = {
+    ("adam", 1e-3): [0.50, 0.52, 0.54],
+    ("adam", 1e-2): [0.45, 0.47, 0.49],
+    ("lehi", 1e-3): [0.40, 0.41, 0.45],
+    ("lehi", 1e-2): [0.30, 0.31, None],  # best mean of its seeds, but one seed diverged
+    ("lehibrid", 1e-3): [0.44, 0.46, 0.50],
+    ("sophia", 1e-3): [0.60],  # a single seed (a second one failed, below)
+}
+SECONDS_PER_STEP = {
+    "adam": 0.010,
+    "adamw": 0.010,
+    "lehi": 0.016,
+    "lehibrid": 0.015,
+    "sophia": 0.011,
+}
+
+
+def step_time(optimizer: str, seed: int) -> float:
+    return SECONDS_PER_STEP[optimizer] * (1 + 0.1 * seed)
+
+
+def write_run(
+    root: Path,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    base: float | None,
+    *,
+    status: str | None = None,
+    experiment: str = "toy",
+    scale: str = "small",
+    dataset: str = "digits",
+    summary: bool = True,
+) -> Path:
+    """One run folder: config.yaml, metrics.csv, summary.json (spec format); base None = diverged."""
+    run = root / experiment / optimizer / f"lr={lr:g}" / f"seed={seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"experiment:\n  name: {experiment}\n  scale: {scale}\n  epochs: 5\n"
+        f"dataset:\n  name: {dataset}\n  batch_size: 64\n"
+        f"optimizer:\n  name: {optimizer}\n  lr: {lr}\n  weight_decay: 0.0\n"
+        f"seed: {seed}\nmodel:\n  name: mlp\n"
+    )
+    diverged = base is None and status is None
+    status = status or ("diverged" if diverged else "completed")
+    tps = step_time(optimizer, seed)
+    passes = 1 if optimizer.startswith("lehi") else 0
+    rows, vals = [], []
+    for i, step in enumerate(EVAL_STEPS):
+        t_train = (step - 5) * tps
+        loss = 2.0 if base is None else base + OFFSETS[i] + 0.1
+        rows.append(
+            f"{step - 5},{i + 1},train,{loss},0.5,{lr},{t_train + EVAL_SECONDS * i},"
+            f"{t_train},{(step - 5) * passes}"
+        )
+        if base is None and step == 20:  # the loss blew up at the second evaluation
+            rows.append(
+                f"{step},{i + 1},val,nan,nan,{lr},{step * tps + EVAL_SECONDS * (i + 1)},"
+                f"{step * tps},{step * passes}"
+            )
+            break
+        val = 3.0 if base is None else base + OFFSETS[i]
+        vals.append(val)
+        rows.append(
+            f"{step},{i + 1},val,{val},{1 - val},{lr},"
+            f"{step * tps + EVAL_SECONDS * (i + 1)},{step * tps},{step * passes}"
+        )
+    (run / "metrics.csv").write_text(
+        "step,epoch,split,loss,metric,lr,wall_time,train_time,curvature_passes\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    if not summary:
+        return run
+    finished = status == "completed"
+    last3 = vals[-3:]
+    steps = EVAL_STEPS[-1] if finished else 20
+    data = {
+        "status": status,
+        "experiment": experiment,
+        "scale": scale,
+        "dataset": dataset,
+        "optimizer": optimizer,
+        "lr": lr,
+        "seed": seed,
+        "metric": "accuracy",
+        "steps": steps,
+        "epochs": 5 if finished else 2,
+        "final": {
+            "val_loss": vals[-1] if finished else None,
+            "val_metric": 1 - vals[-1] if finished else None,
+            "train_loss": vals[-1] + 0.1 if finished else None,
+        },
+        "best": {"val_loss": min(vals) if vals else None, "val_metric": None, "step": 50},
+        "last3": {
+            "val_loss_mean": float(np.mean(last3)) if finished else None,
+            "val_loss_std": float(np.std(last3, ddof=1)) if finished else None,
+            "n": 3 if finished else 0,
+        },
+        "wall_time": steps * tps + 5 * EVAL_SECONDS,
+        "train_time": steps * tps,
+        "steps_per_s": 1 / tps,
+        "curvature_passes": steps * passes,
+        "diverged_at_step": 20 if status == "diverged" else None,
+        "error": "RuntimeError: killed" if status == "failed" else None,
+    }
+    (run / "summary.json").write_text(json.dumps(data))
+    return run
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    for (opt, lr), bases in GRID.items():
+        for seed, base in enumerate(bases):
+            write_run(root, opt, lr, seed, base)
+    write_run(root, "sophia", 1e-3, 1, None, status="failed")
+    write_run(root, "lehi", 1e-1, 0, 0.2, summary=False)  # still running: no summary.json
+    broken = write_run(root, "adamw", 1e-3, 0, 0.3)
+    (broken / "summary.json").write_text('{"status": "completed", "lr": ')
+    # lehibrid seed 2 lost its train_time column: no curve, but its summary still counts
+    csv = root / "toy" / "lehibrid" / "lr=0.001" / "seed=2" / "metrics.csv"
+    frame = pd.read_csv(csv).drop(columns="train_time")
+    frame.to_csv(csv, index=False)
+    return root
+
+
+def first_reach(base: float, target: float) -> int:
+    """Hand rule: the first evaluation whose loss base + offset is ≤ target."""
+    return next(s for s, o in zip(EVAL_STEPS, OFFSETS, strict=True) if base + o <= target)
+
+
+def test_load_runs_and_metrics(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lehi.results"):
+        runs = R.load_runs(tree)
+        metrics = R.load_metrics(tree, runs)
+    n_expected = sum(len(b) for b in GRID.values()) + 1  # + the failed sophia run
+    assert len(runs) == n_expected
+    assert "adamw" not in set(runs["optimizer"])  # malformed summary skipped
+    assert 0.1 not in set(runs["lr"])  # in-progress folder ignored
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("adamw/lr=0.001/seed=0/summary.json" in m for m in messages)
+    assert any("lehibrid/lr=0.001/seed=2/metrics.csv" in m and "train_time" in m for m in messages)
+    assert all("\n" not in m for m in messages)
+    lehi = runs[(runs["optimizer"] == "lehi") & (runs["lr"] == 1e-2)].set_index("seed")
+    assert lehi["diverged"].tolist() == [False, False, True]
+    assert lehi.loc[0, "val_loss"] == pytest.approx(0.30)
+    assert math.isnan(lehi.loc[2, "val_loss"])
+    assert set(runs["scale"]) == {"small"}
+    # metrics: run keys in front, the schedule's LR renamed, every readable file loaded
+    assert list(metrics.columns[:7]) == [*R.RUN_KEYS, "run"]
+    assert "step_lr" in metrics.columns
+    assert metrics["run"].nunique() == n_expected - 1  # lehibrid seed 2's file is malformed
+    one = metrics[
+        (metrics["optimizer"] == "adam")
+        & (metrics["lr"] == 1e-2)
+        & (metrics["seed"] == 1)
+        & (metrics["split"] == "val")
+    ]
+    np.testing.assert_allclose(one["loss"], [0.47 + o for o in OFFSETS])
+
+
+def test_cells_best_lr_and_divergence(tree: Path) -> None:
+    res = R.collect(tree)
+    cells = res.cells.set_index(["optimizer", "lr"])
+    for (opt, lr), bases in GRID.items():
+        vals = [b for b in bases if b is not None]
+        row = cells.loc[(opt, lr)]
+        assert row["val_loss_mean"] == pytest.approx(sum(vals) / len(vals))
+        assert row["metric_mean"] == pytest.approx(1 - (sum(vals) / len(vals) - 0.05))
+        if len(vals) > 1:
+            sd = math.sqrt(sum((v - sum(vals) / len(vals)) ** 2 for v in vals) / (len(vals) - 1))
+            assert row["val_loss_std"] == pytest.approx(sd)
+            assert row["val_loss_spread"] == pytest.approx(2 * sd)
+    # one seed: the spread is twice the run's own std over its last 3 evaluations (0.05)
+    assert cells.loc[("sophia", 1e-3), "val_loss_spread"] == pytest.approx(2 * 0.05)
+    assert cells.loc[("sophia", 1e-3), "n_failed"] == 1
+    assert cells.loc[("sophia", 1e-3), "n_seeds"] == 1
+    assert cells.loc[("lehi", 1e-2), "n_diverged"] == 1
+    assert not cells.loc[("lehi", 1e-2), "eligible"]
+
+    best = res.best.set_index("optimizer")
+    assert best.loc["adam", "lr"] == 1e-2  # 0.47 < 0.52
+    assert best.loc["lehi", "lr"] == 1e-3  # 1e-2 has the lower mean but a diverged seed
+    assert best.loc["lehi", "val_loss_mean"] == pytest.approx(0.42)
+    assert best.loc["lehi", "n_diverged_total"] == 1
+    assert best.loc["lehi", "n_runs_total"] == 6
+    assert best.loc["sophia", "n_failed_total"] == 1
+
+
+def test_time_to_target(tree: Path) -> None:
+    res = R.collect(tree)
+    target = 0.47 * 1.05  # best Adam mean final val loss × 1.05
+    assert res.targets["target"].iloc[0] == pytest.approx(target)
+    best = res.best.set_index("optimizer")
+    for opt, lr, seeds in (
+        ("adam", 1e-2, (0, 1, 2)),
+        ("lehi", 1e-3, (0, 1, 2)),
+        ("lehibrid", 1e-3, (0, 1)),
+    ):  # lehibrid seed 2 has no curve
+        bases = GRID[(opt, lr)]
+        steps = [first_reach(bases[s], target) for s in seeds]
+        times = [st * step_time(opt, s) for st, s in zip(steps, seeds, strict=True)]
+        assert best.loc[opt, "n_reached"] == len(seeds)
+        assert best.loc[opt, "steps_to_target_mean"] == pytest.approx(np.mean(steps))
+        assert best.loc[opt, "time_to_target_mean"] == pytest.approx(np.mean(times))
+        assert best.loc[opt, "time_to_target_std"] == pytest.approx(np.std(times, ddof=1))
+    assert best.loc["lehi", "steps_to_target_mean"] == pytest.approx((30 + 30 + 40) / 3)
+    assert best.loc["sophia", "n_reached"] == 0  # 0.60 never gets to 0.4935
+    assert math.isnan(best.loc["sophia", "steps_to_target_mean"])
+    run = res.runs[
+        (res.runs["optimizer"] == "adam") & (res.runs["lr"] == 1e-2) & (res.runs["seed"] == 2)
+    ].iloc[0]
+    assert run["steps_to_target"] == 40  # 0.49 + 0.0 ≤ 0.4935, 0.49 + 0.05 is not
+    assert run["time_to_target"] == pytest.approx(40 * step_time("adam", 2))  # not wall time
+
+
+def test_targets_override_and_bad_input(tree: Path) -> None:
+    res = R.collect(tree, targets={"toy": 0.56})
+    best = res.best.set_index("optimizer")
+    assert res.targets["target_rule"].iloc[0] == "set explicitly"
+    assert best.loc["sophia", "steps_to_target_mean"] == first_reach(0.60, 0.56) == 50
+    with pytest.raises(ValueError, match="unknown experiment 'nope'.*toy"):
+        R.collect(tree, targets={"nope": 1.0})
+    with pytest.raises(ValueError, match="--target"):
+        R.parse_target("toy:0.5")
+
+
+def test_significance_matches_scipy(tree: Path) -> None:
+    sig = R.collect(tree).significance.set_index(["optimizer", "baseline"])
+    assert set(sig.index) == {
+        ("lehi", "adam"),
+        ("lehi", "sophia"),
+        ("lehibrid", "adam"),
+        ("lehibrid", "sophia"),
+    }  # adamw's only run was malformed
+    x, y = GRID[("lehi", 1e-3)], GRID[("adam", 1e-2)]
+    row = sig.loc[("lehi", "adam")]
+    assert row["welch_p"] == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue)
+    assert row["mwu_p"] == pytest.approx(stats.mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    assert row["mean_diff"] == pytest.approx(np.mean(x) - np.mean(y))
+    pooled = math.sqrt((2 * np.var(x, ddof=1) + 2 * np.var(y, ddof=1)) / 4)
+    d = (np.mean(x) - np.mean(y)) / pooled
+    assert row["cohen_d"] == pytest.approx(d)
+    assert row["hedges_g"] == pytest.approx(d * (1 - 3 / (4 * 6 - 9)))
+    one_seed = sig.loc[("lehi", "sophia")]  # Sophia has one usable seed
+    assert one_seed["n_baseline"] == 1
+    assert math.isnan(one_seed["welch_p"]) and math.isnan(one_seed["mwu_p"])
+    assert one_seed["mean_diff"] == pytest.approx(0.42 - 0.60)
+
+
+def test_compare_small_samples() -> None:
+    out = R.compare([0.5], [0.4, 0.6])
+    assert math.isnan(out["welch_p"]) and math.isnan(out["hedges_g"])
+    same = R.compare([0.5, 0.5], [0.5, 0.5])  # zero variance: undefined, not a crash
+    assert math.isnan(same["cohen_d"]) and same["mean_diff"] == 0
+
+
+def test_write_summary(tree: Path) -> None:
+    paths = R.write_summary(tree)
+    assert [p.name for p in paths] == ["summary.csv", "significance.csv", "summary.md"]
+    table = pd.read_csv(tree / "summary.csv")
+    assert table.set_index("optimizer").loc["adam", "lr"] == 1e-2
+    md = (tree / "summary.md").read_text()
+    assert "## toy — scale: small (CPU variant)" in md
+    lehi = GRID[("lehi", 1e-3)]
+    assert f"| LEHI | 0.001 | {np.mean(lehi):.4g} ± {np.std(lehi, ddof=1):.2g} |" in md
+    lehi_row = next(line for line in md.splitlines() if line.startswith("| LEHI |"))
+    assert lehi_row.endswith("| 1/6 |")  # diverged / runs over its grid
+    assert "(3/3)" in lehi_row
+    assert "| Sophia | 0.001 |" in md and "(1 failed)" in md
+    assert f"{0.47 * 1.05:.4g} (best Adam final val loss × 1.05)" in md
+    p = stats.ttest_ind(lehi, GRID[("adam", 1e-2)], equal_var=False).pvalue
+    assert "| LEHI vs Adam | 0.001 / 0.01 | 3 / 3 |" in md
+    assert f"| {p:.3g} |" in md
+    assert not list(tree.glob("**/*.tmp"))
+
+
+def test_cli(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert R.main(["--root", str(tree), "--target", "toy=0.5"]) == 0
+    assert "0.5 (set explicitly)" in (tree / "summary.md").read_text()
+    assert R.main(["--root", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("no results under") and "make sweep EXP=digits" in err
+    assert "\n" not in err
