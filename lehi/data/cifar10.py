@@ -1,0 +1,214 @@
+"""CIFAR-10 from the python pickle batches, read directly.
+
+Files live in <data_dir>/cifar10/cifar-10-batches-py/ (the layout of the official archive and of
+torchvision). The loader reads the pickle batches itself instead of through
+torchvision.datasets.CIFAR10, because torchvision md5-checks all six original files and so
+refuses a folder holding a subset (such as the shared 4,000/1,000-image copy). Decision:
+
+- Training images are taken from data_batch_1, data_batch_2, ... in order until
+  `train_subset` images (all 50,000 when None) are available; validation images from
+  test_batch (first `val_subset`, all 10,000 when None). Subset batch files are fine as long as
+  they hold enough images.
+- verify_checksums=True checks every batch file read against torchvision's md5s of the
+  complete originals (so a subset file is rejected); the default False only validates the
+  pickle's structure (uint8 (N, 3072) data, N labels in 0..9).
+- When the files present cannot supply the images asked for, the official archive is
+  downloaded with torchvision (download=True; it checks the archive's md5) into a temporary
+  folder and the batch files are moved into place; a failed download leaves nothing behind
+  and raises one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lehi.data.augment import RandomCropFlip
+from lehi.data.bundle import DataBundle, TensorBatches
+from lehi.data.files import (
+    DataUnavailableError,
+    file_digest,
+    missing_dirs,
+    one_line,
+    remove_empty_dirs,
+    resolve_data_dir,
+)
+
+BATCH_FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+FULL_TRAIN, FULL_TEST = 50_000, 10_000
+
+
+def batch_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding the pickle batches: <data_dir>/cifar10/cifar-10-batches-py."""
+    return resolve_data_dir(data_dir) / "cifar10" / BATCH_FOLDER
+
+
+def read_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pickle batch: images uint8 (N, 3, 32, 32) and labels int64 (N,)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CIFAR-10 pickle batch ({one_line(exc)})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 pickle batch (not a dict)")
+    # the originals are Python-2 pickles (bytes keys here); files written by Python 3 have str keys
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or "labels" not in entry:
+        raise ValueError(f"{path}: not a CIFAR-10 pickle batch (needs 'data' and 'labels' keys)")
+    data = np.asarray(entry["data"])
+    labels = np.asarray(entry["labels"], dtype=np.int64)
+    if (
+        data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(labels) != len(data)
+    ):
+        raise ValueError(
+            f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {data.shape} "
+            f"and {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must be 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _verify(path: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    expected = dict(CIFAR10.train_list + CIFAR10.test_list)[path.name]
+    actual = file_digest(path, "md5")
+    if actual != expected:
+        raise ValueError(
+            f"{path}: md5 {actual} does not match the complete CIFAR-10 original {expected} "
+            "(a subset copy?); pass verify_checksums=False to use it"
+        )
+
+
+def _gather(
+    directory: Path, names: tuple[str, ...], need: int, verify: bool
+) -> tuple[np.ndarray, np.ndarray] | int:
+    """The first `need` images of the batch files `names`, or how many the present files hold."""
+    xs, ys, count = [], [], 0
+    for name in names:
+        if count >= need:
+            break
+        path = directory / name
+        if not path.is_file():
+            break
+        if verify:
+            _verify(path)
+        x, y = read_batch(path)
+        xs.append(x)
+        ys.append(y)
+        count += len(x)
+    if count < need:
+        return count
+    return np.concatenate(xs)[:need], np.concatenate(ys)[:need]
+
+
+def download(root: Path) -> None:
+    """Download the official archive with torchvision into a temp folder, move batches to `root`."""
+    from torchvision.datasets import CIFAR10
+
+    created = missing_dirs(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar10-download-", dir=root))
+    try:
+        CIFAR10(root=str(tmp), train=True, download=True)
+        target = root / BATCH_FOLDER
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted((tmp / BATCH_FOLDER).iterdir()):
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_dirs(created)
+
+
+def load_arrays(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    verify_checksums: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train": (uint8 (N, 3, 32, 32), int64 (N,)), "val": (...)} with the sizes asked for."""
+    for name, value in (("train_subset", train_subset), ("val_subset", val_subset)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer or null, got {value}")
+    need_train = train_subset or FULL_TRAIN
+    need_val = val_subset or FULL_TEST
+    if need_train > FULL_TRAIN or need_val > FULL_TEST:
+        raise ValueError(
+            f"CIFAR-10 has {FULL_TRAIN} training / {FULL_TEST} test images; asked for {need_train}/{need_val}"
+        )
+    directory = batch_dir(data_dir)
+
+    def gather() -> tuple[tuple[np.ndarray, np.ndarray] | int, tuple[np.ndarray, np.ndarray] | int]:
+        return (
+            _gather(directory, TRAIN_FILES, need_train, verify_checksums),
+            _gather(directory, (TEST_FILE,), need_val, verify_checksums),
+        )
+
+    train, val = gather()
+    if isinstance(train, int) or isinstance(val, int):
+        have = f"{train if isinstance(train, int) else need_train} training / {val if isinstance(val, int) else need_val} test images"
+        try:
+            download(directory.parent)
+        except Exception as exc:  # torchvision raises URLError/OSError/RuntimeError when offline
+            raise DataUnavailableError(
+                f"CIFAR-10 in {directory} supplies {have}, {need_train}/{need_val} are needed "
+                f"(expected {', '.join(TRAIN_FILES)}, {TEST_FILE}; set train_subset/val_subset to "
+                f"use fewer), and the torchvision download failed ({one_line(exc)}); copy the "
+                "files there or run once with network access"
+            ) from None
+        train, val = gather()
+        if isinstance(train, int) or isinstance(val, int):
+            raise ValueError(f"CIFAR-10 in {directory} is incomplete even after downloading")
+    return {"train": train, "val": val}
+
+
+def build(
+    data_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    augment: bool = True,
+    verify_checksums: bool = False,
+) -> DataBundle:
+    """CIFAR-10 as (3, 32, 32) floats normalised per channel with the training split's mean/std.
+
+    augment=True applies a random 4 px crop (black padding) and horizontal flip to training
+    batches on their device. train_subset / val_subset keep the first K images.
+    """
+    arrays = load_arrays(
+        data_dir,
+        train_subset=train_subset,
+        val_subset=val_subset,
+        verify_checksums=verify_checksums,
+    )
+    tx = torch.from_numpy(arrays["train"][0]).float().div_(255.0)
+    vx = torch.from_numpy(arrays["val"][0]).float().div_(255.0)
+    mean = tx.mean(dim=(0, 2, 3), keepdim=True)
+    std = tx.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    tx, vx = (tx - mean) / std, (vx - mean) / std
+    aug = RandomCropFlip(4, fill=(-mean / std).flatten().tolist()) if augment else None
+    train = TensorBatches(tx, torch.from_numpy(arrays["train"][1]), batch_size, augment=aug)
+    val = TensorBatches(
+        vx,
+        torch.from_numpy(arrays["val"][1]),
+        eval_batch_size or batch_size,
+        shuffle=False,
+        drop_last=False,
+    )
+    return DataBundle("cifar10", "cross_entropy", "accuracy", (3, 32, 32), 10, train, val)

