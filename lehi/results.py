@@ -61,7 +61,14 @@ log = logging.getLogger(__name__)
 RUN_GLOB = "*/*/lr=*/seed=*/summary.json"
 STATUSES = ("completed", "diverged", "failed")
 METRIC_COLUMNS = (
-    "step", "epoch", "split", "loss", "metric", "lr", "wall_time", "train_time",
+    "step",
+    "epoch",
+    "split",
+    "loss",
+    "metric",
+    "lr",
+    "wall_time",
+    "train_time",
     "curvature_passes",
 )
 RUN_KEYS = ("experiment", "scale", "dataset", "optimizer", "lr", "seed")
@@ -71,7 +78,11 @@ BASELINES = ("adam", "adamw", "sophia")
 CANDIDATES = ("lehi", "lehibrid")
 OPTIMIZER_ORDER = (*BASELINES, *CANDIDATES)
 OPTIMIZER_LABELS = {
-    "adam": "Adam", "adamw": "AdamW", "sophia": "Sophia", "lehi": "LEHI", "lehibrid": "LEHIBrid",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "sophia": "Sophia",
+    "lehi": "LEHI",
+    "lehibrid": "LEHIBrid",
 }
 METRIC_LABELS = {"accuracy": "accuracy", "rmse": "RMSE (Å)", "perplexity": "perplexity"}
 REFERENCE_OPTIMIZER = "adam"
@@ -79,11 +90,34 @@ TARGET_FACTOR = 1.05
 NO_RESULTS_HINT = "run `make sweep EXP=digits` first (any experiment works), then `make figures`"
 
 RUN_COLUMNS = (
-    "experiment", "scale", "dataset", "optimizer", "lr", "seed", "status", "diverged",
-    "metric_name", "val_loss", "val_loss_last3_std", "last3_n", "final_val_loss",
-    "final_val_metric", "final_train_loss", "best_val_loss", "best_val_metric", "best_step",
-    "steps", "epochs", "wall_time", "train_time", "steps_per_s", "curvature_passes",
-    "diverged_at_step", "error", "run", "path",
+    "experiment",
+    "scale",
+    "dataset",
+    "optimizer",
+    "lr",
+    "seed",
+    "status",
+    "diverged",
+    "metric_name",
+    "val_loss",
+    "val_loss_last3_std",
+    "last3_n",
+    "final_val_loss",
+    "final_val_metric",
+    "final_train_loss",
+    "best_val_loss",
+    "best_val_metric",
+    "best_step",
+    "steps",
+    "epochs",
+    "wall_time",
+    "train_time",
+    "steps_per_s",
+    "curvature_passes",
+    "diverged_at_step",
+    "error",
+    "run",
+    "path",
 )
 
 
@@ -167,9 +201,12 @@ def _config_keys(path: Path) -> dict[str, Any]:
         return node
 
     return {
-        "experiment": get("experiment", "name"), "scale": get("experiment", "scale"),
-        "dataset": get("dataset", "name"), "optimizer": get("optimizer", "name"),
-        "lr": get("optimizer", "lr"), "seed": get("seed"),
+        "experiment": get("experiment", "name"),
+        "scale": get("experiment", "scale"),
+        "dataset": get("dataset", "name"),
+        "optimizer": get("optimizer", "name"),
+        "lr": get("optimizer", "lr"),
+        "seed": get("seed"),
     }
 
 
@@ -196,8 +233,13 @@ def _run_keys(summary: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         if value is None:
             value = from_cfg
         elif from_cfg is not None and not _same(key, value, from_cfg):
-            log.warning("lehi.results: %s: %s is %r there but %r in summary.json; using "
-                        "summary.json", cfg_path, key, from_cfg, value)
+            log.warning(
+                "lehi.results: %s: %s is %r there but %r in summary.json; using summary.json",
+                cfg_path,
+                key,
+                from_cfg,
+                value,
+            )
         if value is None:
             raise _Malformed(f"key {key!r} is in neither summary.json nor config.yaml")
         keys[key] = value
@@ -237,11 +279,19 @@ def _run_row(summary_path: Path, root: Path) -> dict[str, Any]:
         run=run_dir.relative_to(root).as_posix(),
         path=str(run_dir),
     )
-    for key in ("steps", "epochs", "wall_time", "train_time", "steps_per_s", "curvature_passes",
-                "diverged_at_step"):
+    for key in (
+        "steps",
+        "epochs",
+        "wall_time",
+        "train_time",
+        "steps_per_s",
+        "curvature_passes",
+        "diverged_at_step",
+    ):
         row[key] = _number(summary.get(key), key)
     row["diverged"] = status == "diverged" or (
-        status == "completed" and not math.isfinite(row["val_loss"]))
+        status == "completed" and not math.isfinite(row["val_loss"])
+    )
     return row
 
 
@@ -250,7 +300,8 @@ def _sort(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         return frame.reset_index(drop=True)
     rank = frame["optimizer"].map(optimizer_rank)
     order = frame.assign(_rank=rank).sort_values(
-        [k if k != "optimizer" else "_rank" for k in keys], kind="stable")
+        [k if k != "optimizer" else "_rank" for k in keys], kind="stable"
+    )
     return order.drop(columns="_rank").reset_index(drop=True)
 
 
@@ -268,11 +319,14 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             rows.append(_run_row(summary_path, root))
         except _Malformed as exc:
             _warn(summary_path, exc)
-    in_progress = [d for d in root.glob("*/*/lr=*/seed=*")
-                   if d.is_dir() and not (d / "summary.json").exists()]
+    in_progress = [
+        d for d in root.glob("*/*/lr=*/seed=*") if d.is_dir() and not (d / "summary.json").exists()
+    ]
     if in_progress:
-        log.info("lehi.results: %d run folder(s) without summary.json (in progress) skipped",
-                 len(in_progress))
+        log.info(
+            "lehi.results: %d run folder(s) without summary.json (in progress) skipped",
+            len(in_progress),
+        )
     runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     dup = runs.duplicated(list(RUN_KEYS), keep="first")
     for path in runs.loc[dup, "path"]:
@@ -291,8 +345,9 @@ def _read_metrics(path: Path) -> pd.DataFrame:
         raise _Malformed(f"not a readable CSV ({exc})") from exc
     missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
     if missing:
-        raise _Malformed(f"missing column(s) {', '.join(missing)}; expected "
-                         f"{', '.join(METRIC_COLUMNS)}")
+        raise _Malformed(
+            f"missing column(s) {', '.join(missing)}; expected {', '.join(METRIC_COLUMNS)}"
+        )
     columns = {}
     for column in METRIC_COLUMNS:
         values = frame[column]
@@ -304,8 +359,7 @@ def _read_metrics(path: Path) -> pd.DataFrame:
             numbers = pd.to_numeric(values, errors="coerce")
             bad = numbers.isna() & values.notna()
             if bad.any():
-                raise _Malformed(f"column {column!r} has non-numeric value "
-                                 f"{values[bad].iloc[0]!r}")
+                raise _Malformed(f"column {column!r} has non-numeric value {values[bad].iloc[0]!r}")
             columns[column] = numbers.astype(float)
     frame = pd.DataFrame(columns)
     # A resumed run may log a step again; its last row for a step is the one that counts.
@@ -362,9 +416,20 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     enter the statistics), n_diverged, n_failed, val_loss_mean, val_loss_std,
     val_loss_spread, metric_mean, metric_std, eligible.
     """
-    columns = [*CELL_KEYS, "metric_name", "n_runs", "n_seeds", "n_diverged", "n_failed",
-               "val_loss_mean", "val_loss_std", "val_loss_spread", "metric_mean",
-               "metric_std", "eligible"]
+    columns = [
+        *CELL_KEYS,
+        "metric_name",
+        "n_runs",
+        "n_seeds",
+        "n_diverged",
+        "n_failed",
+        "val_loss_mean",
+        "val_loss_std",
+        "val_loss_spread",
+        "metric_mean",
+        "metric_std",
+        "eligible",
+    ]
     rows = []
     for key, group in runs.groupby(list(CELL_KEYS), sort=False):
         used = group[(group["status"] != "failed") & ~group["diverged"]]
@@ -380,11 +445,22 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         else:
             spread = math.nan
         n_diverged = int(group["diverged"].sum())
-        rows.append([
-            *key, next((m for m in group["metric_name"] if m), ""), len(group), len(loss),
-            n_diverged, int((group["status"] == "failed").sum()), loss_mean, loss_std, spread,
-            metric_mean, metric_std, n_diverged == 0 and len(loss) > 0,
-        ])
+        rows.append(
+            [
+                *key,
+                next((m for m in group["metric_name"] if m), ""),
+                len(group),
+                len(loss),
+                n_diverged,
+                int((group["status"] == "failed").sum()),
+                loss_mean,
+                loss_std,
+                spread,
+                metric_mean,
+                metric_std,
+                n_diverged == 0 and len(loss) > 0,
+            ]
+        )
     cells = pd.DataFrame(rows, columns=columns)
     return _sort(cells, CELL_KEYS)
 
@@ -400,8 +476,14 @@ def best_lrs(cells: pd.DataFrame) -> pd.DataFrame:
         eligible = group[group["eligible"]].sort_values("lr", kind="stable")
         if eligible.empty:
             row = group.iloc[0].copy()
-            for col in ("lr", "val_loss_mean", "val_loss_std", "val_loss_spread",
-                        "metric_mean", "metric_std"):
+            for col in (
+                "lr",
+                "val_loss_mean",
+                "val_loss_std",
+                "val_loss_spread",
+                "metric_mean",
+                "metric_std",
+            ):
                 row[col] = math.nan
             row["n_runs"] = row["n_seeds"] = row["n_diverged"] = row["n_failed"] = 0
             row["eligible"] = False
@@ -413,14 +495,22 @@ def best_lrs(cells: pd.DataFrame) -> pd.DataFrame:
         row["n_failed_total"] = int(group["n_failed"].sum())
         rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=[*(c for c in cells.columns if c != "eligible"), "n_lrs",
-                                     "n_runs_total", "n_diverged_total", "n_failed_total"])
+        return pd.DataFrame(
+            columns=[
+                *(c for c in cells.columns if c != "eligible"),
+                "n_lrs",
+                "n_runs_total",
+                "n_diverged_total",
+                "n_failed_total",
+            ]
+        )
     best = pd.DataFrame(rows).drop(columns="eligible")
     return _sort(best, (*EXP_KEYS, "optimizer"))
 
 
-def resolve_targets(best: pd.DataFrame, targets: Mapping[str, float] | None = None,
-                    factor: float = TARGET_FACTOR) -> pd.DataFrame:
+def resolve_targets(
+    best: pd.DataFrame, targets: Mapping[str, float] | None = None, factor: float = TARGET_FACTOR
+) -> pd.DataFrame:
     """Target validation loss per experiment (columns: EXP_KEYS, target, target_rule).
 
     ``targets`` maps experiment names to explicit target losses; the others get the default
@@ -432,8 +522,10 @@ def resolve_targets(best: pd.DataFrame, targets: Mapping[str, float] | None = No
     known = sorted(set(best["experiment"]))
     for name, value in targets.items():
         if name not in known:
-            raise ValueError(f"target given for unknown experiment {name!r}; "
-                             f"experiments here: {', '.join(known) or 'none'}")
+            raise ValueError(
+                f"target given for unknown experiment {name!r}; "
+                f"experiments here: {', '.join(known) or 'none'}"
+            )
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise ValueError(f"target for {name!r} is {value!r}; expected a finite number")
     rows = []
@@ -449,8 +541,10 @@ def resolve_targets(best: pd.DataFrame, targets: Mapping[str, float] | None = No
             rule = f"best {optimizer_label(REFERENCE_OPTIMIZER)} final val loss × {factor:g}"
         elif len(finite):
             target = float(finite.max()) * factor
-            rule = (f"worst best-LR final val loss × {factor:g} "
-                    f"(no eligible {optimizer_label(REFERENCE_OPTIMIZER)} LR)")
+            rule = (
+                f"worst best-LR final val loss × {factor:g} "
+                f"(no eligible {optimizer_label(REFERENCE_OPTIMIZER)} LR)"
+            )
         else:
             target, rule = math.nan, "no optimizer has an eligible learning rate"
         rows.append([*key, target, rule])
@@ -463,13 +557,16 @@ def time_to_target(metrics: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame
     Columns: run, steps_to_target, time_to_target (the row's train_time). Runs that never
     reach the target are absent.
     """
-    val = metrics[metrics["split"] == "val"].merge(targets[[*EXP_KEYS, "target"]],
-                                                   on=list(EXP_KEYS))
+    val = metrics[metrics["split"] == "val"].merge(
+        targets[[*EXP_KEYS, "target"]], on=list(EXP_KEYS)
+    )
     hit = val[val["loss"] <= val["target"]].sort_values(["run", "step"], kind="stable")
     first = hit.groupby("run", sort=False).head(1)
-    return first[["run", "step", "train_time"]].rename(
-        columns={"step": "steps_to_target", "train_time": "time_to_target"}
-    ).reset_index(drop=True)
+    return (
+        first[["run", "step", "train_time"]]
+        .rename(columns={"step": "steps_to_target", "train_time": "time_to_target"})
+        .reset_index(drop=True)
+    )
 
 
 def _cell_runs(runs: pd.DataFrame, row: Mapping[str, Any]) -> pd.DataFrame:
@@ -481,8 +578,9 @@ def _cell_runs(runs: pd.DataFrame, row: Mapping[str, Any]) -> pd.DataFrame:
     return cell[np.isfinite(cell["val_loss"].to_numpy(float))].sort_values("seed")
 
 
-def _add_time_to_target(best: pd.DataFrame, runs: pd.DataFrame,
-                        targets: pd.DataFrame) -> pd.DataFrame:
+def _add_time_to_target(
+    best: pd.DataFrame, runs: pd.DataFrame, targets: pd.DataFrame
+) -> pd.DataFrame:
     best = best.merge(targets, on=list(EXP_KEYS), how="left")
     extra = []
     for row in best.to_dict("records"):
@@ -491,8 +589,13 @@ def _add_time_to_target(best: pd.DataFrame, runs: pd.DataFrame,
         steps = _mean_std(reached["steps_to_target"].to_numpy(float))
         times = _mean_std(reached["time_to_target"].to_numpy(float))
         extra.append([*steps, *times, len(reached)])
-    cols = ["steps_to_target_mean", "steps_to_target_std", "time_to_target_mean",
-            "time_to_target_std", "n_reached"]
+    cols = [
+        "steps_to_target_mean",
+        "steps_to_target_std",
+        "time_to_target_mean",
+        "time_to_target_std",
+        "n_reached",
+    ]
     return pd.concat([best.reset_index(drop=True), pd.DataFrame(extra, columns=cols)], axis=1)
 
 
@@ -504,9 +607,17 @@ def compare(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     samples are non-empty) is NaN when either sample has fewer than 2 values.
     """
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    out = dict(n=len(a), n_baseline=len(b), mean_diff=math.nan, cohen_d=math.nan,
-               hedges_g=math.nan, welch_t=math.nan, welch_p=math.nan, mwu_u=math.nan,
-               mwu_p=math.nan)
+    out = dict(
+        n=len(a),
+        n_baseline=len(b),
+        mean_diff=math.nan,
+        cohen_d=math.nan,
+        hedges_g=math.nan,
+        welch_t=math.nan,
+        welch_p=math.nan,
+        mwu_u=math.nan,
+        mwu_p=math.nan,
+    )
     if len(a) and len(b):
         out["mean_diff"] = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
@@ -521,15 +632,33 @@ def compare(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
         warnings.simplefilter("ignore")
         welch = stats.ttest_ind(a, b, equal_var=False)
         mwu = stats.mannwhitneyu(a, b, alternative="two-sided")
-    out.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue),
-               mwu_u=float(mwu.statistic), mwu_p=float(mwu.pvalue))
+    out.update(
+        welch_t=float(welch.statistic),
+        welch_p=float(welch.pvalue),
+        mwu_u=float(mwu.statistic),
+        mwu_p=float(mwu.pvalue),
+    )
     return out
 
 
 def significance(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
     """Each LEHI variant vs each baseline, both at their best LR, per experiment."""
-    columns = [*EXP_KEYS, "optimizer", "baseline", "lr", "baseline_lr", "n", "n_baseline",
-               "mean_diff", "cohen_d", "hedges_g", "welch_t", "welch_p", "mwu_u", "mwu_p"]
+    columns = [
+        *EXP_KEYS,
+        "optimizer",
+        "baseline",
+        "lr",
+        "baseline_lr",
+        "n",
+        "n_baseline",
+        "mean_diff",
+        "cohen_d",
+        "hedges_g",
+        "welch_t",
+        "welch_p",
+        "mwu_u",
+        "mwu_p",
+    ]
     rows = []
     for key, group in best.groupby(list(EXP_KEYS), sort=False):
         by_opt = {r["optimizer"]: r for r in group.to_dict("records")}
@@ -540,10 +669,10 @@ def significance(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
                 c, b = by_opt[cand], by_opt[base]
                 if not (math.isfinite(c["lr"]) and math.isfinite(b["lr"])):
                     continue  # a side without an eligible LR has nothing to compare
-                result = compare(list(_cell_runs(runs, c)["val_loss"]),
-                                 list(_cell_runs(runs, b)["val_loss"]))
-                rows.append([*key, cand, base, c["lr"], b["lr"],
-                             *(result[k] for k in columns[7:])])
+                result = compare(
+                    list(_cell_runs(runs, c)["val_loss"]), list(_cell_runs(runs, b)["val_loss"])
+                )
+                rows.append([*key, cand, base, c["lr"], b["lr"], *(result[k] for k in columns[7:])])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -577,12 +706,16 @@ class Results:
         if self.cells.empty:
             return []
         first = self.cells.groupby(list(EXP_KEYS), sort=True)["metric_name"].first()
-        return [dict(zip((*EXP_KEYS, "metric_name"), (*k, m), strict=True))
-                for k, m in first.items()]
+        return [
+            dict(zip((*EXP_KEYS, "metric_name"), (*k, m), strict=True)) for k, m in first.items()
+        ]
 
 
-def collect(root: str | Path, targets: Mapping[str, float] | None = None,
-            target_factor: float = TARGET_FACTOR) -> Results:
+def collect(
+    root: str | Path,
+    targets: Mapping[str, float] | None = None,
+    target_factor: float = TARGET_FACTOR,
+) -> Results:
     """Load the tree under ``root`` and compute every table (see the module docstring)."""
     root = Path(root)
     runs = load_runs(root)
@@ -593,8 +726,15 @@ def collect(root: str | Path, targets: Mapping[str, float] | None = None,
     ttt = time_to_target(metrics, target_table)
     runs = runs.merge(ttt, on="run", how="left")
     best = _add_time_to_target(best, runs, target_table)
-    return Results(root=root, runs=runs, metrics=metrics, cells=cells, best=best,
-                   targets=target_table, significance=significance(runs, best))
+    return Results(
+        root=root,
+        runs=runs,
+        metrics=metrics,
+        cells=cells,
+        best=best,
+        targets=target_table,
+        significance=significance(runs, best),
+    )
 
 
 # -------------------------------------------------------------------------- summary
@@ -627,62 +767,105 @@ def render_markdown(results: Results) -> str:
     """The Markdown summary: one table per experiment, then its significance table."""
     n_runs = len(results.runs)
     lines = [
-        "# Results summary", "",
+        "# Results summary",
+        "",
         f"{n_runs} finished run(s) under `{results.root}`. Final validation loss = mean "
         "over a run's last 3 evaluations; mean ± sample std over seeds at each optimizer's "
         "best learning rate (lowest mean among LRs where no seed diverged). Metric = last "
         "evaluation. Time to target = first evaluation with validation loss ≤ target: its "
         "step and training time (curvature passes included, evaluation excluded), mean ± std "
         "over the seeds that reached it (reached/seeds). Diverged = runs that diverged over "
-        "the optimizer's whole LR grid.", "",
+        "the optimizer's whole LR grid.",
+        "",
     ]
     for exp in results.experiments():
         best = select_experiment(results.best, exp)
         target = select_experiment(results.targets, exp).iloc[0]
         metric = METRIC_LABELS.get(exp["metric_name"], exp["metric_name"] or "metric")
-        lines += [f"## {experiment_heading(**exp)}", "",
-                  f"Target validation loss: {_fmt(target['target'])} ({target['target_rule']}).",
-                  ""]
+        lines += [
+            f"## {experiment_heading(**exp)}",
+            "",
+            f"Target validation loss: {_fmt(target['target'])} ({target['target_rule']}).",
+            "",
+        ]
         rows = []
         for r in best.to_dict("records"):
             reached = f" ({r['n_reached']}/{r['n_seeds']})" if r["n_seeds"] else ""
             diverged = f"{r['n_diverged_total']}/{r['n_runs_total']}"
             if r["n_failed_total"]:
                 diverged += f" ({r['n_failed_total']} failed)"
-            rows.append([
-                optimizer_label(r["optimizer"]), _fmt(r["lr"], "g"),
-                _pm(r["val_loss_mean"], r["val_loss_std"]),
-                _pm(r["metric_mean"], r["metric_std"]), str(r["n_seeds"]),
-                _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".4g") + reached,
-                _pm(r["time_to_target_mean"], r["time_to_target_std"], ".3g") + reached,
-                diverged,
-            ])
-        lines += _table(["optimizer", "best lr", "final val loss (mean ± std)",
-                         f"val {metric} (mean ± std)", "seeds", "steps to target",
-                         "train time to target (s)", "diverged / runs"], rows)
+            rows.append(
+                [
+                    optimizer_label(r["optimizer"]),
+                    _fmt(r["lr"], "g"),
+                    _pm(r["val_loss_mean"], r["val_loss_std"]),
+                    _pm(r["metric_mean"], r["metric_std"]),
+                    str(r["n_seeds"]),
+                    _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".4g") + reached,
+                    _pm(r["time_to_target_mean"], r["time_to_target_std"], ".3g") + reached,
+                    diverged,
+                ]
+            )
+        lines += _table(
+            [
+                "optimizer",
+                "best lr",
+                "final val loss (mean ± std)",
+                f"val {metric} (mean ± std)",
+                "seeds",
+                "steps to target",
+                "train time to target (s)",
+                "diverged / runs",
+            ],
+            rows,
+        )
         sig = select_experiment(results.significance, exp)
         if not sig.empty:
-            lines += ["", f"Significance ({exp['experiment']}, scale: {scale_label(exp['scale'])})"
-                      ": per-seed final val losses at each optimizer's best LR; mean diff < 0 "
-                      "means the LEHI variant is lower; p-values two-sided; — where a side has "
-                      "fewer than 2 seeds.", ""]
-            srows = [[
-                f"{optimizer_label(s['optimizer'])} vs {optimizer_label(s['baseline'])}",
-                f"{_fmt(s['lr'], 'g')} / {_fmt(s['baseline_lr'], 'g')}",
-                f"{s['n']} / {s['n_baseline']}", _fmt(s["mean_diff"], ".3g"),
-                _fmt(s["hedges_g"], ".3g"), _fmt(s["cohen_d"], ".3g"), _fmt(s["welch_p"], ".3g"),
-                _fmt(s["mwu_p"], ".3g"),
-            ] for s in sig.to_dict("records")]
-            lines += _table(["comparison", "lr (variant / baseline)", "seeds",
-                             "mean diff (val loss)", "Hedges g", "Cohen d", "Welch t-test p",
-                             "Mann–Whitney U p"], srows)
+            lines += [
+                "",
+                f"Significance ({exp['experiment']}, scale: {scale_label(exp['scale'])})"
+                ": per-seed final val losses at each optimizer's best LR; mean diff < 0 "
+                "means the LEHI variant is lower; p-values two-sided; — where a side has "
+                "fewer than 2 seeds.",
+                "",
+            ]
+            srows = [
+                [
+                    f"{optimizer_label(s['optimizer'])} vs {optimizer_label(s['baseline'])}",
+                    f"{_fmt(s['lr'], 'g')} / {_fmt(s['baseline_lr'], 'g')}",
+                    f"{s['n']} / {s['n_baseline']}",
+                    _fmt(s["mean_diff"], ".3g"),
+                    _fmt(s["hedges_g"], ".3g"),
+                    _fmt(s["cohen_d"], ".3g"),
+                    _fmt(s["welch_p"], ".3g"),
+                    _fmt(s["mwu_p"], ".3g"),
+                ]
+                for s in sig.to_dict("records")
+            ]
+            lines += _table(
+                [
+                    "comparison",
+                    "lr (variant / baseline)",
+                    "seeds",
+                    "mean diff (val loss)",
+                    "Hedges g",
+                    "Cohen d",
+                    "Welch t-test p",
+                    "Mann–Whitney U p",
+                ],
+                srows,
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def write_summary(root: str | Path = "results", results: Results | None = None, *,
-                  targets: Mapping[str, float] | None = None,
-                  target_factor: float = TARGET_FACTOR) -> list[Path]:
+def write_summary(
+    root: str | Path = "results",
+    results: Results | None = None,
+    *,
+    targets: Mapping[str, float] | None = None,
+    target_factor: float = TARGET_FACTOR,
+) -> list[Path]:
     """Write ``<root>/summary.csv`` (best-LR rows), ``<root>/significance.csv`` and
     ``<root>/summary.md``, each atomically; returns their paths.
 
@@ -714,14 +897,23 @@ def parse_target(text: str) -> tuple[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m lehi.results [--root results] [--target EXP=LOSS ...] [--target-factor F]``."""
-    parser = argparse.ArgumentParser(prog="python -m lehi.results", description=__doc__.split(
-        "\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lehi.results", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--root", default="results", help="results tree (default: results)")
-    parser.add_argument("--target", action="append", default=[], metavar="EXP=LOSS",
-                        help="explicit target validation loss for an experiment (repeatable)")
-    parser.add_argument("--target-factor", type=float, default=TARGET_FACTOR,
-                        help=f"default target = best Adam final val loss × this "
-                             f"(default {TARGET_FACTOR})")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="EXP=LOSS",
+        help="explicit target validation loss for an experiment (repeatable)",
+    )
+    parser.add_argument(
+        "--target-factor",
+        type=float,
+        default=TARGET_FACTOR,
+        help=f"default target = best Adam final val loss × this (default {TARGET_FACTOR})",
+    )
     args = parser.parse_args(argv)
     try:
         targets = dict(parse_target(t) for t in args.target)

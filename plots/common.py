@@ -18,8 +18,13 @@ def no_results_message(root: Path | str) -> str:
     return f"no results under {root}: {NO_RESULTS_HINT}"
 
 
-def main(figures: Sequence[FigureFn], argv: Sequence[str] | None = None, *,
-         description: str = "", summary: bool = False) -> int:
+def main(
+    figures: Sequence[FigureFn],
+    argv: Sequence[str] | None = None,
+    *,
+    description: str = "",
+    summary: bool = False,
+) -> int:
     """Parse ``--root``/``--out``, compute the tables once, run ``figures``; return the exit code.
 
     With ``summary`` the Markdown/CSV summary is written too. Exit code 1, with one guidance
@@ -27,8 +32,9 @@ def main(figures: Sequence[FigureFn], argv: Sequence[str] | None = None, *,
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default="results", help="results tree (default: results)")
-    parser.add_argument("--out", default="plots/figures",
-                        help="folder for PNG/PDF files (default: plots/figures)")
+    parser.add_argument(
+        "--out", default="plots/figures", help="folder for PNG/PDF files (default: plots/figures)"
+    )
     args = parser.parse_args(argv)
     results = collect(args.root)
     if results.empty:

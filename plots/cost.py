@@ -46,19 +46,41 @@ def cost_table(results: Results) -> pd.DataFrame:
     curvature_passes_per_step, overhead_pct (NaN without Adam runs).
     """
     runs = results.runs
-    runs = runs[(runs["status"] == "completed") & (runs["steps"] > 0)
-                & np.isfinite(runs["train_time"].to_numpy(float))]
-    runs = runs.assign(ms_per_step=1000 * runs["train_time"] / runs["steps"],
-                       passes_per_step=runs["curvature_passes"] / runs["steps"])
+    runs = runs[
+        (runs["status"] == "completed")
+        & (runs["steps"] > 0)
+        & np.isfinite(runs["train_time"].to_numpy(float))
+    ]
+    runs = runs.assign(
+        ms_per_step=1000 * runs["train_time"] / runs["steps"],
+        passes_per_step=runs["curvature_passes"] / runs["steps"],
+    )
     rows = []
     for key, group in runs.groupby([*EXP_KEYS, "optimizer"], sort=False):
         ms = group["ms_per_step"].to_numpy(float)
-        rows.append([*key, len(group), ms.mean(), ms.std(ddof=1) if len(ms) > 1 else math.nan,
-                     float(group["passes_per_step"].mean())])
-    table = pd.DataFrame(rows, columns=[*EXP_KEYS, "optimizer", "n_runs", "ms_per_step_mean",
-                                        "ms_per_step_std", "curvature_passes_per_step"])
-    ref = table.loc[table["optimizer"] == REFERENCE_OPTIMIZER,
-                    [*EXP_KEYS, "ms_per_step_mean"]].rename(columns={"ms_per_step_mean": "_ref"})
+        rows.append(
+            [
+                *key,
+                len(group),
+                ms.mean(),
+                ms.std(ddof=1) if len(ms) > 1 else math.nan,
+                float(group["passes_per_step"].mean()),
+            ]
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            *EXP_KEYS,
+            "optimizer",
+            "n_runs",
+            "ms_per_step_mean",
+            "ms_per_step_std",
+            "curvature_passes_per_step",
+        ],
+    )
+    ref = table.loc[
+        table["optimizer"] == REFERENCE_OPTIMIZER, [*EXP_KEYS, "ms_per_step_mean"]
+    ].rename(columns={"ms_per_step_mean": "_ref"})
     table = table.merge(ref, on=list(EXP_KEYS), how="left")
     table["overhead_pct"] = 100 * (table["ms_per_step_mean"] / table["_ref"] - 1)
     table = table.drop(columns="_ref")
@@ -75,8 +97,13 @@ def figure(table: pd.DataFrame, exp: dict[str, str]) -> Figure:
     colours = [color(o) for o in rows["optimizer"]]
     fig = Figure(figsize=(9.0, 4.0), layout="constrained")
     left, right = fig.subplots(1, 2)
-    left.bar(names, rows["ms_per_step_mean"], yerr=np.nan_to_num(rows["ms_per_step_std"]),
-             color=colours, capsize=4)
+    left.bar(
+        names,
+        rows["ms_per_step_mean"],
+        yerr=np.nan_to_num(rows["ms_per_step_std"]),
+        color=colours,
+        capsize=4,
+    )
     left.set_ylabel("time per step (ms)")
     left.set_xlabel("optimizer")
     left.set_title("training time per step (mean ± std over runs)", fontsize="small")
@@ -93,21 +120,30 @@ def figure(table: pd.DataFrame, exp: dict[str, str]) -> Figure:
 
 def markdown(table: pd.DataFrame, results: Results) -> str:
     """One Markdown table per experiment: ms/step, curvature passes/step, overhead vs Adam."""
-    lines = ["# Step cost", "",
-             "Time per step = train_time / steps (curvature passes included, evaluation "
-             "excluded), mean ± std over completed runs of all LRs and seeds; overhead = "
-             "relative to Adam's mean.", ""]
+    lines = [
+        "# Step cost",
+        "",
+        "Time per step = train_time / steps (curvature passes included, evaluation "
+        "excluded), mean ± std over completed runs of all LRs and seeds; overhead = "
+        "relative to Adam's mean.",
+        "",
+    ]
     for exp in results.experiments():
-        lines += [f"## {experiment_heading(**exp)}", "",
-                  "| optimizer | runs | ms per step | curvature passes per step | overhead vs Adam |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## {experiment_heading(**exp)}",
+            "",
+            "| optimizer | runs | ms per step | curvature passes per step | overhead vs Adam |",
+            "|---|---|---|---|---|",
+        ]
         for r in select_experiment(table, exp).to_dict("records"):
             ms = f"{r['ms_per_step_mean']:.3g}"
             if math.isfinite(r["ms_per_step_std"]):
                 ms += f" ± {r['ms_per_step_std']:.2g}"
             over = f"{r['overhead_pct']:+.1f} %" if math.isfinite(r["overhead_pct"]) else "—"
-            lines.append(f"| {optimizer_label(r['optimizer'])} | {r['n_runs']} | {ms} | "
-                         f"{r['curvature_passes_per_step']:.3g} | {over} |")
+            lines.append(
+                f"| {optimizer_label(r['optimizer'])} | {r['n_runs']} | {ms} | "
+                f"{r['curvature_passes_per_step']:.3g} | {over} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -115,8 +151,10 @@ def markdown(table: pd.DataFrame, results: Results) -> str:
 def figures(results: Results, table: pd.DataFrame | None = None) -> dict[str, Figure]:
     """All cost figures, keyed by file stem."""
     table = cost_table(results) if table is None else table
-    return {figure_stem("cost", e["experiment"], e["scale"]): figure(table, e)
-            for e in results.experiments()}
+    return {
+        figure_stem("cost", e["experiment"], e["scale"]): figure(table, e)
+        for e in results.experiments()
+    }
 
 
 def make(results: Results, out: Path) -> list[Path]:

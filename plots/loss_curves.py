@@ -49,11 +49,15 @@ def seed_curve(rows: pd.DataFrame) -> pd.DataFrame:
     complete = loss.notna().all(axis=1) & time.notna().all(axis=1)
     loss, time = loss[complete], time[complete]
     std = loss.std(axis=1, ddof=1) if loss.shape[1] > 1 else pd.Series(np.nan, index=loss.index)
-    return pd.DataFrame({
-        "step": loss.index.to_numpy(float), "loss_mean": loss.mean(axis=1).to_numpy(float),
-        "loss_std": std.to_numpy(float), "train_time": time.mean(axis=1).to_numpy(float),
-        "n_seeds": loss.shape[1],
-    })
+    return pd.DataFrame(
+        {
+            "step": loss.index.to_numpy(float),
+            "loss_mean": loss.mean(axis=1).to_numpy(float),
+            "loss_std": std.to_numpy(float),
+            "train_time": time.mean(axis=1).to_numpy(float),
+            "n_seeds": loss.shape[1],
+        }
+    )
 
 
 def figure(results: Results, exp: dict[str, str]) -> Figure:
@@ -64,11 +68,18 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     metrics = select_experiment(results.metrics, exp)
     fig = Figure(figsize=(10.0, 7.0), layout="constrained")
     axes = fig.subplots(2, 2, sharey="row")
-    drawn = [False] * len(SPLITS)  # an empty log axis cannot be drawn: rows without curves stay linear
+    drawn = [False] * len(
+        SPLITS
+    )  # an empty log axis cannot be drawn: rows without curves stay linear
     for row in sorted(best.to_dict("records"), key=lambda r: optimizer_rank(r["optimizer"])):
         opt = row["optimizer"]
-        ids = runs.loc[(runs["optimizer"] == opt) & (runs["lr"] == row["lr"])
-                       & ~runs["diverged"] & (runs["status"] != "failed"), "run"]
+        ids = runs.loc[
+            (runs["optimizer"] == opt)
+            & (runs["lr"] == row["lr"])
+            & ~runs["diverged"]
+            & (runs["status"] != "failed"),
+            "run",
+        ]
         mine = metrics[metrics["run"].isin(ids)]
         for i, (split, _) in enumerate(SPLITS):
             curve = seed_curve(mine[mine["split"] == split])
@@ -79,35 +90,46 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
             lower = np.where(mean - std > 0, mean - std, mean / 2)
             for j, x in enumerate(("step", "train_time")):
                 ax = axes[i, j]
-                ax.plot(curve[x], mean, color=color(opt),
-                        label=f"{label(opt)} (lr={row['lr']:g})")
-                ax.fill_between(curve[x], lower, mean + std, color=color(opt), alpha=0.18,
-                                linewidth=0)
+                ax.plot(curve[x], mean, color=color(opt), label=f"{label(opt)} (lr={row['lr']:g})")
+                ax.fill_between(
+                    curve[x], lower, mean + std, color=color(opt), alpha=0.18, linewidth=0
+                )
     loss_unit = loss_label(exp["metric_name"])
     for i, (_, name) in enumerate(SPLITS):
-        for j, xlabel in enumerate(("step (optimizer updates)",
-                                    "training time (s, curvature passes incl., eval excl.)")):
+        for j, xlabel in enumerate(
+            ("step (optimizer updates)", "training time (s, curvature passes incl., eval excl.)")
+        ):
             ax = axes[i, j]
             if drawn[i]:
                 ax.set_yscale("log")
             else:
-                ax.text(0.5, 0.5, "no curves (no eligible LR or no readable metrics.csv)",
-                        transform=ax.transAxes, ha="center", fontsize="small")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no curves (no eligible LR or no readable metrics.csv)",
+                    transform=ax.transAxes,
+                    ha="center",
+                    fontsize="small",
+                )
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{name}, {loss_unit}")
             ax.grid(True, alpha=0.3)
     if drawn[0] or drawn[1]:
-        axes[0, 0].legend(title="best LR; mean ± std over seeds", fontsize="small",
-                          title_fontsize="small")
-    fig.suptitle(f"Loss curves at each optimizer's best LR: {experiment_heading(**exp)}",
-                 fontsize="medium")
+        axes[0, 0].legend(
+            title="best LR; mean ± std over seeds", fontsize="small", title_fontsize="small"
+        )
+    fig.suptitle(
+        f"Loss curves at each optimizer's best LR: {experiment_heading(**exp)}", fontsize="medium"
+    )
     return fig
 
 
 def figures(results: Results) -> dict[str, Figure]:
     """All loss-curve figures, keyed by file stem."""
-    return {figure_stem("loss_curves", e["experiment"], e["scale"]): figure(results, e)
-            for e in results.experiments()}
+    return {
+        figure_stem("loss_curves", e["experiment"], e["scale"]): figure(results, e)
+        for e in results.experiments()
+    }
 
 
 def make(results: Results, out: Path) -> list[Path]:

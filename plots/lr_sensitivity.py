@@ -54,8 +54,15 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
         good = c[c["eligible"]]
         mean = good["val_loss_mean"].to_numpy(float)
         spread = np.nan_to_num(good["val_loss_spread"].to_numpy(float), nan=0.0)
-        series.append((opt, good["lr"].to_numpy(float), mean, spread,
-                       c.loc[c["n_diverged"] > 0, "lr"].to_numpy(float)))
+        series.append(
+            (
+                opt,
+                good["lr"].to_numpy(float),
+                mean,
+                spread,
+                c.loc[c["n_diverged"] > 0, "lr"].to_numpy(float),
+            )
+        )
 
     ref = best[(best["optimizer"] == REFERENCE_OPTIMIZER) & np.isfinite(best["lr"])]
     ref_value = float(ref["val_loss_mean"].iloc[0]) if len(ref) else None
@@ -76,29 +83,53 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
         lower = np.where(mean - spread > 0, mean - spread, bottom / 10)
         ax.fill_between(lr, lower, mean + spread, color=color(opt), alpha=0.18, linewidth=0)
         if len(diverged):
-            ax.plot(diverged, np.full(len(diverged), DIVERGED_Y - row * DIVERGED_STEP), linestyle="none", marker="x",
-                    markersize=9, markeredgewidth=2, color=color(opt), clip_on=False,
-                    transform=ax.get_xaxis_transform(), label=f"_{opt} diverged")
+            ax.plot(
+                diverged,
+                np.full(len(diverged), DIVERGED_Y - row * DIVERGED_STEP),
+                linestyle="none",
+                marker="x",
+                markersize=9,
+                markeredgewidth=2,
+                color=color(opt),
+                clip_on=False,
+                transform=ax.get_xaxis_transform(),
+                label=f"_{opt} diverged",
+            )
             row += 1
     if ref_value is not None:
-        ax.axhline(ref_value, color=color(REFERENCE_OPTIMIZER), linestyle="--", linewidth=1,
-                   label=f"best Adam final val loss ({ref_value:.4g} at lr={ref['lr'].iloc[0]:g})")
+        ax.axhline(
+            ref_value,
+            color=color(REFERENCE_OPTIMIZER),
+            linestyle="--",
+            linewidth=1,
+            label=f"best Adam final val loss ({ref_value:.4g} at lr={ref['lr'].iloc[0]:g})",
+        )
     ax.set_ylim(bottom, top)
 
     handles, labels = ax.get_legend_handles_labels()
     if any(len(d) for *_, d in series):
-        handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=2,
-                              color="black"))
+        handles.append(
+            Line2D([], [], linestyle="none", marker="x", markeredgewidth=2, color="black")
+        )
         labels.append(DIVERGED_LABEL)
     single = bool((cells.loc[cells["eligible"], "n_seeds"] == 1).any())
     band = "shaded: ±2 std over seeds"
     if single:
         band += "\n(1 seed: ±2 std of its last 3 evals)"
-    ax.legend(handles, labels, title=band, fontsize="small", title_fontsize="small",
-              loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.legend(
+        handles,
+        labels,
+        title=band,
+        fontsize="small",
+        title_fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"final validation loss, {loss_label(exp['metric_name'])}\n"
-                  "(mean of last 3 evals, mean over seeds)")
+    ax.set_ylabel(
+        f"final validation loss, {loss_label(exp['metric_name'])}\n"
+        "(mean of last 3 evals, mean over seeds)"
+    )
     ax.set_title(f"LR sensitivity: {experiment_heading(**exp)}", fontsize="medium")
     ax.grid(True, which="major", alpha=0.3)
     return fig
@@ -106,8 +137,10 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
 
 def figures(results: Results) -> dict[str, Figure]:
     """All LR-sensitivity figures, keyed by file stem."""
-    return {figure_stem("lr_sensitivity", e["experiment"], e["scale"]): figure(results, e)
-            for e in results.experiments()}
+    return {
+        figure_stem("lr_sensitivity", e["experiment"], e["scale"]): figure(results, e)
+        for e in results.experiments()
+    }
 
 
 def make(results: Results, out: Path) -> list[Path]:

@@ -28,8 +28,17 @@ FORMATS = ("png", "pdf")
 DPI = 150
 
 __all__ = [
-    "DPI", "FALLBACK_COLOR", "FORMATS", "PALETTE", "color", "experiment_heading",
-    "figure_stem", "label", "loss_label", "optimizer_rank", "save",
+    "DPI",
+    "FALLBACK_COLOR",
+    "FORMATS",
+    "PALETTE",
+    "color",
+    "experiment_heading",
+    "figure_stem",
+    "label",
+    "loss_label",
+    "optimizer_rank",
+    "save",
 ]
 
 
