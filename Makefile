@@ -35,3 +35,8 @@ clean:
 
 figures: $(STAMP)
 	$(PY) plots/make_figures.py --root $(RESULTS) --out plots/figures
+
+# One paper experiment as a Hydra multirun: optimizers × learning rates × seeds
+# (experiments/$(EXP).yaml). Finished runs are skipped, interrupted ones resume.
+sweep: $(STAMP)
+	$(PY) run.py -m experiment=$(EXP) $(ARGS)

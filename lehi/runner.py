@@ -1,0 +1,271 @@
+"""One run from a resolved Hydra config: validate, build, train, write the results.
+
+run.py is a thin Hydra entry point around :func:`run`; tests call :func:`run` with configs
+composed through Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
+import lehi.data
+from lehi.checkpoint import CheckpointError
+from lehi.logging import RunFiles, WandbLogger, environment
+from lehi.optim import build_optimizer
+from lehi.train import Trainer, TrainerConfig, pick_device
+
+__all__ = ["RunError", "build_model", "run", "run_dir_for"]
+
+log = logging.getLogger("lehi")
+
+#: Statuses that are results: a rerun of the sweep skips them unless trainer.force=true.
+FINAL_STATUSES = ("completed", "diverged")
+
+
+class RunError(ValueError):
+    """Bad input found before anything was written: one line naming the key or file."""
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """results/<experiment>/<optimizer label>/lr=<lr>/seed=<seed> unless paths.run_dir is set."""
+    if cfg.paths.get("run_dir"):
+        return Path(cfg.paths.run_dir)
+    lr = float(cfg.optimizer.lr)
+    return (
+        Path(cfg.paths.results_dir)
+        / str(cfg.experiment.name)
+        / str(cfg.optimizer.label)
+        / f"lr={lr:g}"
+        / f"seed={cfg.seed}"
+    )
+
+
+def _trainer_config(cfg: DictConfig) -> TrainerConfig:
+    t = cfg.trainer
+    progress = t.progress
+    if progress == "auto":
+        progress = sys.stderr.isatty() and not os.environ.get("CI")
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if pick_device(t.device).type == "cuda" else "fp32"
+    return TrainerConfig(
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        eval_every=t.eval_every,
+        log_every=t.log_every,
+        grad_clip=t.grad_clip,
+        schedule=t.schedule,
+        warmup_fraction=t.warmup_fraction,
+        min_lr_ratio=t.min_lr_ratio,
+        divergence_factor=t.divergence_factor,
+        checkpoint=t.checkpoint,
+        precision=precision,
+        progress=bool(progress),
+    )
+
+
+def _check_inputs(cfg: DictConfig) -> TrainerConfig:
+    """The checks that need no data: they fail before any download or file write."""
+    lr = cfg.optimizer.lr
+    if not isinstance(lr, int | float) or not lr > 0:
+        raise RunError(f"optimizer.lr must be > 0, got {lr!r}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg.dataset.get(key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise RunError(f"dataset.{key} must be a positive integer, got {value!r}")
+    if cfg.logger.mode not in ("online", "offline", "disabled"):
+        raise RunError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
+    if cfg.trainer.resume not in (True, False, "auto"):
+        raise RunError(f"trainer.resume must be true, false or auto, got {cfg.trainer.resume!r}")
+    try:
+        return _trainer_config(cfg)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _dataset_options(cfg: DictConfig) -> dict[str, Any]:
+    options = OmegaConf.to_container(cfg.dataset, resolve=True)
+    options.pop("recipe", None)
+    options.pop("name", None)
+    return options
+
+
+def build_model(model_cfg: DictConfig, bundle: lehi.data.DataBundle) -> torch.nn.Module:
+    """Call the model config's ``_target_`` with the bundle (errors stay one-line ValueErrors)."""
+    options = OmegaConf.to_container(model_cfg, resolve=True)
+    return get_method(options.pop("_target_"))(bundle=bundle, **options)
+
+
+def _optimizer_options(cfg: DictConfig) -> dict[str, Any]:
+    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    options.pop("label", None)
+    options.pop("name", None)
+    return options
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM / SIGUSR1 (preemption) → checkpoint at the next step and return."""
+    signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    try:
+        previous = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in signals}
+    except ValueError:  # not the main thread: leave signals to the host process
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration; returns its summary (also written to summary.json).
+
+    Raises RunError (or the data layer's FileNotFoundError) for bad input, before any file
+    of the run is written.
+    """
+    trainer_config = _check_inputs(cfg)
+    files = RunFiles(run_dir_for(cfg))
+    previous = files.read_summary()
+    if previous and previous.get("status") in FINAL_STATUSES and not cfg.trainer.force:
+        log.info(
+            "skip %s: already %s (trainer.force=true reruns it)", files.dir, previous["status"]
+        )
+        return previous
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        resume = files.checkpoint.exists()
+    if resume and not files.checkpoint.exists():
+        raise RunError(f"trainer.resume=true but {files.checkpoint} does not exist")
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    device = pick_device(cfg.trainer.device)
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+    try:
+        bundle = lehi.data.build(cfg.dataset.name, **_dataset_options(cfg)).to(device)
+        model = build_model(cfg.model, bundle).to(device)
+        optimizer = build_optimizer(
+            cfg.optimizer.name,
+            model.parameters(),
+            **_optimizer_options(cfg),
+            # The loss whose Hessian is imitated and the sampling seed (adam/adamw ignore them).
+            loss=bundle.loss,
+            ignore_index=bundle.ignore_index,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    trained = torch.compile(model) if cfg.trainer.compile else model
+    trainer = Trainer(
+        trained,
+        optimizer,
+        bundle,
+        trainer_config,
+        device=device,
+        seed=seed,
+        files=files,
+        state_model=model,
+    )
+    rows: list[dict[str, Any]] = []
+    if resume:
+        try:
+            trainer.resume_from(files.checkpoint, files.read_metrics())
+        except CheckpointError as exc:
+            raise RunError(str(exc)) from None
+        rows = trainer.rows
+    else:
+        files.clear()
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    files.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    files.write_env(environment(device))
+    wandb_logger = _wandb_logger(cfg, files.dir, resolved)
+    if wandb_logger is not None:
+        trainer.on_row = wandb_logger.log
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "%s: %s on %s, %s (%d params) on %s%s",
+        files.dir,
+        cfg.optimizer.name,
+        cfg.dataset.name,
+        cfg.model.name,
+        n_params,
+        device,
+        f", resuming at step {trainer.step}" if rows else "",
+    )
+
+    identity = {
+        "experiment": cfg.experiment.name,
+        "scale": cfg.experiment.scale,
+        "dataset": cfg.dataset.name,
+        "optimizer": cfg.optimizer.label,
+        "lr": float(cfg.optimizer.lr),
+        "seed": seed,
+    }
+    try:
+        with _stop_on_signals(trainer):
+            summary = {**identity, **trainer.fit()}
+    except Exception as exc:
+        summary = {**identity, **trainer.summary("failed", None)}
+        summary["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        files.write_metrics(trainer.rows)
+        files.write_summary(summary)
+        if wandb_logger is not None:
+            wandb_logger.finish(summary)
+        raise
+    if summary["status"] == "interrupted":
+        log.info(
+            "%s: interrupted at step %d; trainer.resume=true continues it", files.dir, trainer.step
+        )
+        return summary
+    files.write_summary(summary)
+    if not cfg.trainer.keep_checkpoint:
+        files.checkpoint.unlink(missing_ok=True)
+    if wandb_logger is not None:
+        wandb_logger.finish(summary)
+    final = summary["final"]
+    log.info(
+        "%s: %s after %d steps; val loss %.4f, val %s %.4f, %.1f steps/s",
+        files.dir,
+        summary["status"],
+        summary["steps"],
+        final["val_loss"] if final["val_loss"] is not None else math.nan,
+        summary["metric"],
+        final["val_metric"] if final["val_metric"] is not None else math.nan,
+        summary["steps_per_s"],
+    )
+    return summary
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]) -> WandbLogger | None:
+    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+        return None
+    return WandbLogger(
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group,
+        tags=list(cfg.logger.tags),
+        name=f"{cfg.experiment.name}/{cfg.optimizer.label}/lr={float(cfg.optimizer.lr):g}/seed={cfg.seed}",
+        run_dir=run_dir,
+        config=resolved,
+    )

@@ -1,0 +1,76 @@
+"""Every config composes: each dataset × optimizer, and each experiment preset."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, compose_config
+from omegaconf import OmegaConf
+
+from lehi.runner import run_dir_for
+
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+OPTIMIZERS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+DEFAULT_MODEL = {
+    "digits": "mlp",
+    "mnist": "mlp",
+    "cifar10": "resnet18",
+    "protein": "mlp",
+    "ptb": "lstm",
+    "fineweb": "llama",
+}
+
+
+def test_config_groups_are_complete():
+    assert DATASETS == sorted(DEFAULT_MODEL)
+    assert OPTIMIZERS == ["adam", "adamw", "lehi", "lehibrid", "sophia"]
+    assert {"digits", "mnist_small", "protein_small", "ptb_small", "cifar10_small"} <= set(
+        EXPERIMENTS
+    )
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_dataset_and_optimizer_compose(dataset, optimizer):
+    cfg = compose_config([f"dataset={dataset}", f"optimizer={optimizer}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["dataset"]["name"] == dataset
+    assert resolved["model"]["name"] == DEFAULT_MODEL[dataset]
+    assert resolved["optimizer"]["name"] == optimizer == resolved["optimizer"]["label"]
+    assert resolved["optimizer"]["lr"] > 0
+    budget = resolved["trainer"]["epochs"] or resolved["trainer"]["max_steps"]
+    assert budget > 0
+    assert resolved["experiment"]["name"] == dataset
+    lr = float(resolved["optimizer"]["lr"])
+    assert run_dir_for(cfg).parts[-4:] == (dataset, optimizer, f"lr={lr:g}", "seed=0")
+
+
+def test_dataset_brings_its_model_but_the_command_line_wins():
+    assert compose_config(["dataset=cifar10"]).model.name == "resnet18"
+    assert compose_config(["dataset=cifar10", "model=cnn"]).model.name == "cnn"
+
+
+def test_adamw_takes_the_recipe_weight_decay():
+    assert compose_config(["optimizer=adamw"]).optimizer.weight_decay == 0.01
+    cfg = compose_config(["optimizer=adamw", "dataset=fineweb"])
+    assert cfg.optimizer.weight_decay == 0.1
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes_with_its_sweep(experiment):
+    with_hydra = _compose_with_hydra([f"experiment={experiment}"])
+    cfg = OmegaConf.to_container(with_hydra, resolve=False)
+    assert cfg["experiment"]["name"] == experiment
+    assert cfg["experiment"]["scale"] == ("small" if experiment.endswith("small") else "full")
+    params = with_hydra.hydra.sweeper.params
+    assert params["optimizer"].split(",") == ["adam", "adamw", "lehi", "lehibrid", "sophia"]
+    lrs = [float(v) for v in params["optimizer.lr"].split(",")]
+    assert lrs == sorted(lrs) and len(lrs) >= 7 and max(lrs) == pytest.approx(0.1)
+    assert len(str(params["seed"]).split(",")) >= 2
+
+
+def _compose_with_hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)

@@ -1,0 +1,246 @@
+"""The trainer end to end on the offline default (scikit-learn digits): real training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, compose_config
+
+import lehi.data
+from lehi.logging import METRIC_COLUMNS, RunFiles
+from lehi.optim import build_optimizer
+from lehi.runner import RunError, build_model, run
+from lehi.train import Trainer, TrainerConfig
+
+OPTIMIZERS = ["adam", "adamw", "lehi", "lehibrid", "sophia"]
+
+
+def digits_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"paths.results_dir={tmp_path / 'results'}",
+        "logger=files",
+        "trainer.epochs=3",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return RunFiles(run_dir).read_metrics()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_each_optimizer_trains_on_digits_and_writes_results(tmp_path, optimizer, one_thread):
+    lr = {"sophia": "1e-3"}.get(optimizer, "1e-3")
+    cfg = compose_config(digits_overrides(tmp_path, f"optimizer={optimizer}", f"optimizer.lr={lr}"))
+    summary = run(cfg)
+    run_dir = tmp_path / "results" / "digits" / optimizer / "lr=0.001" / "seed=0"
+    assert summary["status"] == "completed"
+
+    rows = read_metrics(run_dir)
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [0, 22, 44, 66]
+    assert val[-1]["loss"] < 0.6 * val[0]["loss"]
+    assert val[-1]["metric"] > 0.8
+    with open(run_dir / "metrics.csv") as f:
+        assert f.readline().strip().split(",") == list(METRIC_COLUMNS)
+
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["optimizer"] == optimizer and on_disk["lr"] == 1e-3
+    assert on_disk["final"]["val_loss"] == pytest.approx(val[-1]["loss"])
+    last3 = torch.tensor([r["loss"] for r in val[-3:]], dtype=torch.float64)
+    assert on_disk["last3"]["val_loss_mean"] == pytest.approx(last3.mean().item())
+    assert on_disk["last3"]["val_loss_std"] == pytest.approx(last3.std().item())
+    curvature = {"adam": 0, "adamw": 0, "lehi": 66, "lehibrid": 66, "sophia": 7}[optimizer]
+    assert on_disk["curvature_passes"] == curvature
+    assert rows[-1]["curvature_passes"] == curvature
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["optimizer"]["name"] == optimizer and config["dataset"]["name"] == "digits"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_wandb_offline_run_folder_is_created(tmp_path, one_thread):
+    cfg = compose_config(
+        digits_overrides(tmp_path, "logger=wandb", "logger.mode=offline", "trainer.epochs=1")
+    )
+    assert run(cfg)["status"] == "completed"
+    wandb_dir = tmp_path / "results" / "digits" / "adam" / "lr=0.001" / "seed=0" / "wandb"
+    assert list(wandb_dir.glob("offline-run-*")), "no W&B offline run folder"
+
+
+def test_completed_run_is_skipped_and_force_reruns(tmp_path, one_thread):
+    cfg = compose_config(digits_overrides(tmp_path, "trainer.epochs=1"))
+    first = run(cfg)
+    metrics = tmp_path / "results" / "digits" / "adam" / "lr=0.001" / "seed=0" / "metrics.csv"
+    stamp = metrics.stat().st_mtime_ns
+    assert run(cfg) == first
+    assert metrics.stat().st_mtime_ns == stamp
+    forced = run(
+        compose_config(digits_overrides(tmp_path, "trainer.epochs=1", "trainer.force=true"))
+    )
+    assert forced["final"] == first["final"]
+    assert metrics.stat().st_mtime_ns != stamp
+
+
+# ------------------------------------------------------------------------------ resume
+def build_trainer(optimizer: str, run_dir: Path, on_row=None) -> Trainer:
+    torch.manual_seed(0)
+    cfg = compose_config([f"optimizer={optimizer}"])
+    bundle = lehi.data.build("digits", batch_size=64)
+    model = build_model(cfg.model, bundle)
+    opt = build_optimizer(optimizer, model.parameters(), lr=1e-3, loss="cross_entropy", seed=0)
+    config = TrainerConfig(epochs=4, log_every=5, schedule="cosine", warmup_fraction=0.1)
+    trainer = Trainer(
+        model, opt, bundle, config, device=torch.device("cpu"), seed=0, files=RunFiles(run_dir)
+    )
+    trainer.on_row = on_row
+    return trainer
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lehi"])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(
+    tmp_path, optimizer, one_thread
+):
+    reference = build_trainer(optimizer, tmp_path / "reference")
+    assert reference.fit()["status"] == "completed"
+
+    interrupted = build_trainer(optimizer, tmp_path / "resumed")
+    # Stop mid-epoch (step 35 of 22-step epochs), after the first checkpoint at step 22.
+    interrupted.on_row = lambda row: row["step"] >= 33 and interrupted.request_stop()
+    assert interrupted.fit()["status"] == "interrupted"
+    assert interrupted.step == 35
+
+    files = RunFiles(tmp_path / "resumed")
+    resumed = build_trainer(optimizer, tmp_path / "resumed")
+    resumed.resume_from(files.checkpoint, files.read_metrics())
+    assert resumed.step == 35
+    assert resumed.fit()["status"] == "completed"
+
+    def losses(trainer):
+        return [(r["step"], r["split"], r["loss"], r["metric"]) for r in trainer.rows]
+
+    assert losses(resumed) == losses(reference)
+    for a, b in zip(reference.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def run_cli(*args: str, cwd: Path = REPO, **popen) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def test_sigterm_checkpoints_and_resume_true_finishes_identically(tmp_path):
+    common = [
+        "logger=files",
+        "optimizer=lehi",
+        "trainer.epochs=30",
+        "hydra.run.dir=" + str(tmp_path / "h"),
+    ]
+    reference = run_cli(*common, f"paths.run_dir={tmp_path / 'ref'}")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(*common, f"paths.run_dir={run_dir}")
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    if (run_dir / "summary.json").exists():
+        pytest.skip("the run finished before SIGTERM arrived; nothing was interrupted")
+    assert (run_dir / "checkpoint.pt").exists()
+
+    resumed = run_cli(*common, f"paths.run_dir={run_dir}", "trainer.resume=true")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    def val_rows(path):
+        return [(r["step"], r["loss"]) for r in read_metrics(path) if r["split"] == "val"]
+
+    assert val_rows(run_dir) == val_rows(tmp_path / "ref")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------------------------------ divergence, bad input
+def test_diverging_lr_is_recorded_as_diverged_and_exits_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "logger=files",
+        "optimizer=adam",
+        "optimizer.lr=50",
+        "trainer.epochs=3",
+        f"paths.run_dir={run_dir}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert summary["diverged_at_step"] is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-1e-3", "optimizer.lr"),
+        ("dataset.batch_size=0", "dataset.batch_size"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("model=cnn", "cnn"),
+        ("optimizer.hybrid=median", "hybrid"),
+    ],
+)
+def test_bad_input_is_one_line_error_before_any_file(tmp_path, override, named):
+    optimizer = "optimizer=lehibrid" if "hybrid" in override else "optimizer=adam"
+    cfg = compose_config(digits_overrides(tmp_path, optimizer, override))
+    with pytest.raises(RunError, match=named) as info:
+        run(cfg)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_loss_without_hessian_rule_is_rejected():
+    with pytest.raises(ValueError, match="supported losses: cross_entropy, mse"):
+        build_optimizer("lehi", [torch.nn.Parameter(torch.zeros(2))], loss="huber")
+
+
+def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path):
+    proc = run_cli(
+        "optimizer.lr=0", f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'h'}"
+    )
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1] == "error: optimizer.lr must be > 0, got 0"
+    proc = run_cli("optimizer=sgd", f"hydra.run.dir={tmp_path / 'h'}")
+    assert proc.wait(timeout=120) == 1
+    message = proc.stderr.read()
+    assert "Available options" in message and "lehibrid" in message
+
+
+def test_broken_checkpoint_is_a_clear_error_and_leaves_the_folder(tmp_path):
+    cfg = compose_config(digits_overrides(tmp_path, "trainer.resume=true"))
+    run_dir = tmp_path / "results" / "digits" / "adam" / "lr=0.001" / "seed=0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    (run_dir / "metrics.csv").write_text("step,epoch\n")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(RunError, match="checkpoint.pt"):
+        run(cfg)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

@@ -1,0 +1,93 @@
+"""One real training run per dataset, on small files in each dataset's real format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_config
+from test_data_fineweb import write_sources
+from test_data_images import make_cifar, make_mnist
+from test_data_protein import make_rows, write_csv
+from test_data_ptb import write_ptb
+
+from lehi.runner import run
+
+
+def prepare(dataset: str, data_dir) -> list[str]:
+    """Write the fixture; return the overrides that make the run tiny."""
+    if dataset == "mnist":
+        make_mnist(data_dir, n_train=64, n_test=32)
+        return ["model.hidden=[16]", "dataset.batch_size=16", "trainer.epochs=2"]
+    if dataset == "cifar10":
+        make_cifar(data_dir)
+        return [
+            "model=cnn",
+            "model.channels=[4,4,4]",
+            "dataset.train_subset=60",
+            "dataset.val_subset=20",
+            "dataset.batch_size=10",
+            "trainer.epochs=2",
+        ]
+    if dataset == "protein":
+        write_csv(data_dir / "casp" / "CASP.csv", make_rows(200), "RMSD,F1,F2,F3,F4,F5,F6,F7,F8,F9")
+        return ["dataset.verify_checksums=false", "model.hidden=[16]", "trainer.epochs=2"]
+    if dataset == "ptb":
+        write_ptb(data_dir / "ptb")
+        return [
+            "model=lstm_small",
+            "model.hidden=16",
+            "dataset.verify_checksums=false",
+            "dataset.batch_size=4",
+            "dataset.bptt=5",
+            "dataset.eval_batch_size=2",
+            "trainer.epochs=2",
+        ]
+    docs = [f"document {i}: the quick brown fox jumps over the lazy dog. " * 3 for i in range(40)]
+    files = write_sources(data_dir / "text", docs)
+    return [
+        "model.size=tiny",
+        "model.context_length=16",
+        "dataset.tokenizer=bytes",
+        f"dataset.text_files=[{files['jsonl']}]",
+        "dataset.context=16",
+        "dataset.batch_size=4",
+        "dataset.steps_per_epoch=6",
+        "dataset.val_steps=2",
+        "dataset.val_tokens=400",
+        "dataset.shard_size=4000",
+        "trainer.max_steps=12",
+        "trainer.eval_every=6",
+        "trainer.warmup_fraction=0.2",
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lehibrid"])
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "protein", "ptb", "fineweb"])
+def test_run_on_real_format_fixture(tmp_path, dataset, optimizer, one_thread):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    overrides = prepare(dataset, data_dir)
+    cfg = compose_config(
+        [
+            f"dataset={dataset}",
+            f"optimizer={optimizer}",
+            f"paths.data_dir={data_dir}",
+            f"paths.results_dir={tmp_path / 'results'}",
+            "logger=files",
+            *overrides,
+        ]
+    )
+    summary = run(cfg)
+    assert summary["status"] == "completed", summary.get("error")
+    run_dir = next((tmp_path / "results" / dataset / optimizer).glob("lr=*/seed=0"))
+    assert json.loads((run_dir / "summary.json").read_text())["dataset"] == dataset
+    metric = {"mnist": "accuracy", "cifar10": "accuracy", "protein": "rmse"}.get(
+        dataset, "perplexity"
+    )
+    assert summary["metric"] == metric
+    assert summary["final"]["val_loss"] is not None
+    if dataset in ("ptb", "fineweb"):
+        assert summary["tokens_per_s"] > 0
+    if optimizer == "lehibrid":
+        assert summary["curvature_passes"] == summary["steps"]
