@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 RESULTS ?= results
 EXP    ?= digits
 
-.PHONY: install test lint format run sweep figures bench clean
+.PHONY: install test lint format run sweep figures diagnostics bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ figures: $(STAMP)
 # (experiments/$(EXP).yaml). Finished runs are skipped, interrupted ones resume.
 sweep: $(STAMP)
 	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+
+# The Hessian-imitation study (CPU, about a minute): results/diagnostics/*.csv and its table;
+# its figures are redrawn by `make figures`.
+diagnostics: $(STAMP)
+	$(PY) -m lehi.diagnostics.study --out $(RESULTS)/diagnostics $(ARGS)

@@ -1,0 +1,365 @@
+"""The Hessian-imitation diagnostics against independent computations: finite differences,
+closed forms, Monte Carlo rates, hand-computed metrics, and the optimizers' own state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lehi.diagnostics.estimates import (
+    instantaneous_estimates,
+    mean_lehi_estimate,
+    optimizer_curvature,
+)
+from lehi.diagnostics.exact import gauss_newton_diagonal, hessian_diagonal
+from lehi.diagnostics.metrics import (
+    agreement,
+    agreement_by_layer,
+    cosine,
+    least_squares_scale,
+    log_median_scale,
+    relative_l2,
+    spearman,
+    within_factor,
+)
+from lehi.diagnostics.setups import DiagnosticCNN
+from lehi.optim import build_optimizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast alone and far faster on a CPU shared with other jobs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_mlp(activation: type[nn.Module] = nn.Tanh, d_in: int = 5, hidden: int = 6, d_out: int = 3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, hidden), activation(), nn.Linear(hidden, d_out)).double()
+
+
+def data(loss: str, n: int = 9, d_in: int = 5, d_out: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    if loss == "cross_entropy":
+        return x, torch.randint(0, d_out, (n,), generator=g)
+    return x, torch.randn(n, d_out, generator=g, dtype=torch.float64)
+
+
+def torch_loss(loss: str, out, y):
+    return F.cross_entropy(out, y) if loss == "cross_entropy" else F.mse_loss(out, y)
+
+
+def finite_difference_diagonal(model: nn.Module, loss: str, x, y, h: float = 1e-4):
+    """Central second differences (f(w + h e) − 2 f(w) + f(w − h e)) / h², one per entry."""
+    params = list(model.parameters())
+    w = nn.utils.parameters_to_vector(params).detach().clone()
+
+    def f(vec):
+        nn.utils.vector_to_parameters(vec, params)
+        with torch.no_grad():
+            return torch_loss(loss, model(x), y).item()
+
+    f0, out = f(w), torch.empty_like(w)
+    for i in range(len(w)):
+        e = torch.zeros_like(w)
+        e[i] = h
+        out[i] = (f(w + e) - 2 * f0 + f(w - e)) / h**2
+    nn.utils.vector_to_parameters(w, params)
+    return out
+
+
+def flat(diagonal: dict, model: nn.Module):
+    return torch.cat([diagonal[n].reshape(-1) for n, _ in model.named_parameters()])
+
+
+# ------------------------------------------------------------------------ exact diagonals
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("structured", [True, False])
+def test_hessian_diagonal_matches_central_finite_differences(loss, structured):
+    model = tiny_mlp()
+    x, y = data(loss)
+    exact = flat(hessian_diagonal(model, loss, x, y, structured=structured), model)
+    fd = finite_difference_diagonal(model, loss, x, y)
+    torch.testing.assert_close(exact, fd, atol=1e-6, rtol=1e-5)
+
+
+def test_hessian_diagonal_of_a_cnn_matches_finite_differences():
+    """Covers both convolution paths: conv1 entry by entry, conv2 through its output."""
+    torch.manual_seed(0)
+    model = DiagnosticCNN(side=4, num_classes=3, channels=(2, 3)).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    exact = hessian_diagonal(model, "cross_entropy", x, y)
+    plain = hessian_diagonal(model, "cross_entropy", x, y, structured=False)
+    for name in exact:
+        torch.testing.assert_close(exact[name], plain[name], atol=1e-12, rtol=1e-9)
+    fd = finite_difference_diagonal(model, "cross_entropy", x, y)
+    torch.testing.assert_close(flat(exact, model), fd, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_gauss_newton_equals_hessian_for_a_linear_model(loss):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = data(loss, n=7, d_in=4)
+    gn = gauss_newton_diagonal(model, loss, x, y)
+    hess = hessian_diagonal(model, loss, x, y)
+    for name in gn:
+        torch.testing.assert_close(gn[name], hess[name], atol=1e-12, rtol=1e-9)
+    if loss == "mse":
+        # F.mse_loss over N×q entries: ∂²f/∂W_ij² = (2/(N q)) Σ_n x_nj², ∂²f/∂b_i² = 2/q.
+        n, q = len(x), 3
+        torch.testing.assert_close(gn["weight"], (2 / (n * q) * x.square().sum(0)).expand(3, 4))
+        torch.testing.assert_close(gn["bias"], torch.full((3,), 2 / q, dtype=torch.float64))
+
+
+def test_gauss_newton_equals_hessian_diagonal_for_a_relu_network():
+    """Each weight enters a ReLU network linearly inside its activation region, so the
+    residual term of the Hessian has a zero diagonal."""
+    model = tiny_mlp(nn.ReLU)
+    x, y = data("cross_entropy")
+    gn = gauss_newton_diagonal(model, "cross_entropy", x, y)
+    hess = hessian_diagonal(model, "cross_entropy", x, y)
+    for name in gn:
+        torch.testing.assert_close(gn[name], hess[name], atol=1e-12, rtol=1e-9)
+
+
+def test_gauss_newton_matches_explicit_per_example_sum():
+    """(1/N) Σ_n J_nᵀ H_z J_n with J_n from a loop of backward passes and H_z = diag(p) − ppᵀ."""
+    model = tiny_mlp()
+    x, y = data("cross_entropy")
+    gn = flat(gauss_newton_diagonal(model, "cross_entropy", x, y), model)
+    expected = torch.zeros_like(gn)
+    for i in range(len(x)):
+        z = model(x[i : i + 1]).squeeze(0)
+        rows = [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(z[k], model.parameters(), retain_graph=True)
+                ]
+            )
+            for k in range(len(z))
+        ]
+        jac = torch.stack(rows)
+        p = torch.softmax(z.detach(), 0)
+        h_z = torch.diag(p) - torch.outer(p, p)
+        expected += torch.einsum("ka,kl,la->a", jac, h_z, jac) / len(x)
+    torch.testing.assert_close(gn, expected)
+
+
+def test_per_example_methods_refuse_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        gauss_newton_diagonal(model, "mse", x, y)
+    with pytest.raises(ValueError, match="hinge"):
+        hessian_diagonal(nn.Linear(4, 3), "hinge", x, y)
+
+
+# --------------------------------------------------------------------------- estimates
+def test_averaged_lehi_estimate_converges_to_gauss_newton_like_one_over_sqrt_draws():
+    model = tiny_mlp(d_out=4)
+    x, y = data("cross_entropy", n=12, d_out=4)
+    gn = flat(gauss_newton_diagonal(model, "cross_entropy", x, y), model)
+    draws = [4, 16, 64, 256]
+    errors = []
+    for k in draws:
+        runs = [
+            flat(
+                mean_lehi_estimate(
+                    model, "cross_entropy", x, y, torch.Generator().manual_seed(100 * k + r), k
+                ),
+                model,
+            )
+            for r in range(4)
+        ]
+        errors.append(np.mean([relative_l2(e, gn) for e in runs]))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    # Monte Carlo: error ∝ draws^(-1/2), i.e. slope −0.5 on log-log axes.
+    slope = np.polyfit(np.log(draws), np.log(errors), 1)[0]
+    assert -0.7 < slope < -0.35, (slope, errors)
+    assert errors[-1] < 0.15
+
+
+def test_optimizer_states_after_one_step_equal_the_instantaneous_estimates():
+    """With one refresh, each bias-corrected EMA is the first input itself, and the optimizer
+    draws v from the same seeded generator as the instantaneous estimates."""
+    x, y = data("cross_entropy", n=10)
+    estimates = instantaneous_estimates(tiny_mlp(), "cross_entropy", x, y, draws=2, seed=7)
+    for name, key, factor in [
+        ("lehi", "lehi", 1.0),
+        ("lehibrid", "lehibrid", 1.0),
+        ("adam", "adam", 1.0),
+        ("sophia", "sophia", 1 - 0.99),
+    ]:
+        model = tiny_mlp()
+        opt = build_optimizer(name, model.parameters(), lr=1e-3, loss="cross_entropy", seed=7)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if name == "adam":
+            loss.backward()
+        else:
+            opt.backward(loss, out, y)
+        opt.step()
+        state = optimizer_curvature(opt, model, num_terms=len(x))
+        for param in state:
+            torch.testing.assert_close(state[param], estimates[key][param] * factor)
+
+
+def test_instantaneous_estimates_relations():
+    x, y = data("cross_entropy", n=10)
+    model = tiny_mlp()
+    est = instantaneous_estimates(model, "cross_entropy", x, y, draws=3, seed=3)
+    for name in est["lehi"]:
+        torch.testing.assert_close(
+            est["lehibrid"][name], torch.maximum(est["lehi"][name], est["adam"][name])
+        )
+        # Sophia's ĝ is the same draw, clipped: a common factor ≤ 1 on every coordinate.
+    ratio = flat(est["sophia"], model) / flat(est["lehi"], model)
+    ratio = ratio[torch.isfinite(ratio)]
+    assert torch.allclose(ratio, ratio[0]) and ratio[0] <= 1.0
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(
+        flat(est["adam"], model), torch.cat([a.reshape(-1) for a in g]).square() * 10
+    )
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_equal_hand_computed_values():
+    e = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    r = torch.tensor([2.0, 2.0, 1.0, 8.0])
+    # e·r = 41, ‖e‖² = 30, ‖r‖² = 73, e − r = (−1, 0, 2, −4).
+    assert cosine(e, r) == pytest.approx(41 / math.sqrt(30 * 73))
+    assert relative_l2(e, r) == pytest.approx(math.sqrt(21 / 73))
+    # ranks e = (1, 2, 3, 4), r = (2.5, 2.5, 1, 4): centred dot 1.5, norms √5 and √4.5.
+    assert spearman(e, r) == pytest.approx(1.5 / math.sqrt(5 * 4.5))
+    # e/r = (0.5, 1, 3, 0.5): three of four within a factor 2.
+    assert within_factor(e, r) == pytest.approx(0.75)
+    assert least_squares_scale(e, r) == pytest.approx(41 / 30)
+    # log(r/e) = (log 2, 0, −log 3, log 2): median (0 + log 2)/2 → scale √2.
+    assert log_median_scale(e, r) == pytest.approx(math.sqrt(2))
+    # √2·e / r = (0.71, 1.41, 4.24, 0.71): again three of four.
+    assert agreement(e, r)["within2_fit"] == pytest.approx(0.75)
+
+
+def test_metrics_edge_cases():
+    # Zero references are left out of the factor-2 fraction; a negative one is never matched.
+    assert within_factor([1.0, 1.0, 0.0], [0.0, -1.0, 0.0]) == 0.0
+    assert within_factor([1.0, 3.0, 5.0], [0.0, 2.0, 5.0]) == 1.0
+    assert math.isnan(cosine([0.0, 0.0], [1.0, 2.0]))
+    assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="differ in size"):
+        cosine([1.0], [1.0, 2.0])
+
+
+def test_agreement_by_layer_groups_weight_and_bias():
+    est = {
+        "a.weight": torch.tensor([[1.0, 2.0]]),
+        "a.bias": torch.tensor([3.0]),
+        "b.weight": torch.tensor([4.0]),
+    }
+    ref = {
+        "a.weight": torch.tensor([[2.0, 2.0]]),
+        "a.bias": torch.tensor([1.0]),
+        "b.weight": torch.tensor([8.0]),
+    }
+    out = agreement_by_layer(est, ref)
+    assert set(out) == {"all", "a", "b"}
+    assert out["all"] == pytest.approx(
+        agreement([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 8.0]), nan_ok=True
+    )
+    assert out["a"]["cosine"] == pytest.approx(cosine([1.0, 2.0, 3.0], [2.0, 2.0, 1.0]))
+    assert out["b"]["within2"] == 1.0 and out["b"]["rel_l2"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ study end to end
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory):
+    from lehi.diagnostics.study import StudyConfig, run_study
+
+    root = tmp_path_factory.mktemp("results")
+    config = StudyConfig(models=("digits_mlp",), optimizers=("adam", "lehi"), small=True, draws=4)
+    frame = run_study(root / "diagnostics", config)
+    return root, frame
+
+
+def test_study_writes_tidy_rows_for_every_estimate_and_checkpoint(study_root):
+    from lehi.diagnostics.study import COLUMNS
+
+    root, frame = study_root
+    on_disk = pd.read_csv(root / "diagnostics" / "diagnostics.csv")
+    assert list(on_disk.columns) == list(COLUMNS)
+    assert len(on_disk) == len(frame)
+    assert set(on_disk["checkpoint"]) == {"init", "mid", "end"}
+    assert set(on_disk["layer"]) == {"all", "net.0", "net.2", "net.4"}
+    adam_end = on_disk[(on_disk["trajectory"] == "adam") & (on_disk["checkpoint"] == "end")]
+    assert {
+        "lehi",
+        "lehi_avg",
+        "lehi_per_example",
+        "lehibrid",
+        "sophia",
+        "adam",
+        "gn_other_batch",
+        "gauss_newton",
+        "ema_adam",
+    } == set(adam_end["estimate"])
+    assert "ema_adam" not in set(on_disk[on_disk["checkpoint"] == "init"]["estimate"])
+    cos = on_disk[(on_disk["metric"] == "cosine") & (on_disk["layer"] == "all")]
+    assert cos["value"].between(-1, 1).all()
+    # A ReLU MLP: the exact Gauss–Newton diagonal is the Hessian diagonal.
+    gn_vs_h = cos[cos["estimate"] == "gauss_newton"]["value"]
+    assert np.allclose(gn_vs_h, 1.0, atol=1e-5)
+    table = (root / "diagnostics" / "diagnostics.md").read_text(encoding="utf-8")
+    assert "LEHI h, 1 draw" in table and "digits_mlp" in table
+
+
+def test_figure_and_table_are_regenerated_from_the_csv(study_root, tmp_path):
+    from plots.diagnostics import plot_diagnostics
+
+    root, _ = study_root
+    written = plot_diagnostics(root, tmp_path)
+    names = {p.name for p in written}
+    assert {
+        "diagnostics_gauss_newton_small.png",
+        "diagnostics_hessian_small.pdf",
+        "diagnostics.md",
+    } <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    assert plot_diagnostics(tmp_path / "nothing", tmp_path) == []
+
+
+def test_study_rejects_unknown_names(tmp_path):
+    from lehi.diagnostics.study import StudyConfig, run_study
+
+    with pytest.raises(ValueError, match="digits_mlp"):
+        run_study(tmp_path, StudyConfig(models=("mnist_resnet",)))
+    with pytest.raises(ValueError, match="optimizers"):
+        run_study(tmp_path, StudyConfig(models=("digits_mlp",), optimizers=("sgd",)))
+
+
+def test_a_diverging_trajectory_is_recorded_and_stops(tmp_path, monkeypatch):
+    from lehi.diagnostics import setups
+    from lehi.diagnostics.study import StudyConfig, run_study
+
+    monkeypatch.setitem(setups.OPTIMIZER_SETTINGS, "lehi", {"lr": 1e12})
+    config = StudyConfig(models=("digits_mlp",), optimizers=("lehi",), small=True, draws=2)
+    frame = run_study(tmp_path, config)
+    trajectory = pd.read_csv(tmp_path / "trajectories.csv")
+    assert list(trajectory["checkpoint"]) == ["init", "diverged"]
+    assert trajectory["status"].iloc[-1] == "diverged"
+    assert set(frame["checkpoint"]) == {"init"}
+    assert "diverged" in (tmp_path / "diagnostics.md").read_text(encoding="utf-8")
