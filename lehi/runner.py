@@ -13,8 +13,6 @@ import random
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +95,32 @@ def _check_inputs(cfg: DictConfig) -> TrainerConfig:
         raise RunError(str(exc)) from None
 
 
+#: Keys that may change between an interrupted run and its continuation.
+_RESUMABLE_CHANGES = ("resume", "force", "keep_checkpoint", "progress")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    config.pop("logger", None)
+    config["trainer"] = {
+        k: v for k, v in config.get("trainer", {}).items() if k not in _RESUMABLE_CHANGES
+    }
+    return config
+
+
+def _same_run(files: RunFiles, cfg: DictConfig) -> bool:
+    """Whether the folder's config.yaml describes this run (so its checkpoint may continue it)."""
+    try:
+        previous = OmegaConf.to_container(OmegaConf.load(files.config), resolve=False)
+    except (OSError, ValueError):
+        return False
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if _comparable(previous) == _comparable(current):
+        return True
+    log.warning("%s: config differs from the checkpointed run's; starting afresh", files.dir)
+    return False
+
+
 def _dataset_options(cfg: DictConfig) -> dict[str, Any]:
     options = OmegaConf.to_container(cfg.dataset, resolve=True)
     options.pop("recipe", None)
@@ -117,20 +141,43 @@ def _optimizer_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-@contextmanager
-def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM / SIGUSR1 (preemption) → checkpoint at the next step and return."""
-    signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
-    try:
-        previous = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in signals}
-    except ValueError:  # not the main thread: leave signals to the host process
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
+class PreemptionSignals:
+    """SIGTERM, SIGUSR1, SIGUSR2 (preemption, time limits) → checkpoint at the next step.
+
+    After the trainer has checkpointed, :meth:`hand_over` passes the signal on to the handler
+    that was installed before (Submitit's, which requeues the job; a requeued job resumes from
+    the checkpoint because the sweep presets use ``trainer.resume: auto``).
+    """
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+    )
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self.trainer.request_stop()
+
+    def __enter__(self) -> PreemptionSignals:
+        try:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay with the host process
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+    def hand_over(self) -> None:
+        """Call the earlier handler of the signal received (after the checkpoint is written)."""
+        handler = self.previous.get(self.received) if self.received is not None else None
+        if callable(handler):
+            handler(self.received, None)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -149,7 +196,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return previous
     resume = cfg.trainer.resume
     if resume == "auto":
-        resume = files.checkpoint.exists()
+        resume = files.checkpoint.exists() and _same_run(files, cfg)
     if resume and not files.checkpoint.exists():
         raise RunError(f"trainer.resume=true but {files.checkpoint} does not exist")
 
@@ -222,7 +269,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": seed,
     }
     try:
-        with _stop_on_signals(trainer):
+        with PreemptionSignals(trainer) as signals:
             summary = {**identity, **trainer.fit()}
     except Exception as exc:
         summary = {**identity, **trainer.summary("failed", None)}
@@ -236,6 +283,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info(
             "%s: interrupted at step %d; trainer.resume=true continues it", files.dir, trainer.step
         )
+        signals.hand_over()
         return summary
     files.write_summary(summary)
     if not cfg.trainer.keep_checkpoint:

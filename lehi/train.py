@@ -25,6 +25,7 @@ from lehi.checkpoint import load_checkpoint, save_checkpoint
 from lehi.curvature import get_loss_rule
 from lehi.data import DataBundle
 from lehi.logging import RunFiles
+from lehi.models.flops import device_peak_flops, flops_per_token, mfu
 from lehi.optim import backward
 
 __all__ = ["Trainer", "TrainerConfig", "lr_lambda", "pick_device"]
@@ -261,6 +262,10 @@ class Trainer:
         mean = (total / max(terms, 1)).item()
         return mean, self.metric_from(mean, correct.item(), terms)
 
+    @torch.no_grad()
+    def _parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.state_model.parameters())
+
     def _row(self, split: str, loss: float, metric: float) -> dict[str, Any]:
         row = {
             "step": self.step,
@@ -299,7 +304,16 @@ class Trainer:
             if position == 0 and self._has_state:
                 self.state_model.reset_state()
             for x, y in self.bundle.train.iter_epoch(epoch, self.seed, start_step=position):
-                loss, correct = self.train_step(x, y)
+                try:
+                    loss, correct = self.train_step(x, y)
+                except RuntimeError:
+                    # Non-finite weights make later ops fail (e.g. sampling from NaN
+                    # probabilities): that is divergence, a result, not a crash.
+                    if self._parameters_finite():
+                        raise
+                    self.train_time += time.perf_counter() - segment_start
+                    status, diverged_at = "diverged", self.step
+                    break
                 self.step += 1
                 log_loss += loss
                 log_steps += 1
@@ -370,14 +384,25 @@ class Trainer:
             "error": None,
         }
         if self.bundle.input_shape == ():
-            tokens_per_step = _tokens_per_batch(self.bundle)
-            summary["tokens_per_s"] = tokens_per_step * self.step / train_time
+            summary.update(self._throughput(train_time))
         return summary
 
+    def _throughput(self, train_time: float) -> dict[str, float]:
+        """Tokens/s for language models and, on CUDA for the decoder, MFU.
 
-def _tokens_per_batch(bundle: DataBundle) -> int:
-    x, _ = next(iter(bundle.train.iter_epoch(0, 0)))
-    return int(x.numel())
+        MFU counts the model's own training FLOPs (6N + attention, lehi.models.flops); the
+        auxiliary backward of a curvature-aware optimizer is overhead on top, not model FLOPs.
+        """
+        x, _ = next(iter(self.bundle.train.iter_epoch(0, 0)))
+        tokens_per_s = x.numel() * self.step / train_time
+        out = {"tokens_per_s": tokens_per_s}
+        if self.device.type == "cuda" and hasattr(self.state_model, "config"):
+            try:
+                peak = device_peak_flops(torch.cuda.get_device_name(self.device))
+            except ValueError:
+                return out
+            out["mfu"] = mfu(tokens_per_s, flops_per_token(self.state_model, x.shape[-1]), peak)
+        return out
 
 
 def _progress_bar(

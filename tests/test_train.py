@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, compose_config
+from omegaconf import OmegaConf
 
 import lehi.data
 from lehi.logging import METRIC_COLUMNS, RunFiles
@@ -148,7 +149,7 @@ def run_cli(*args: str, cwd: Path = REPO, **popen) -> subprocess.Popen:
     )
 
 
-def test_sigterm_checkpoints_and_resume_true_finishes_identically(tmp_path):
+def test_sigterm_checkpoints_and_a_rerun_finishes_identically(tmp_path):
     common = [
         "logger=files",
         "optimizer=lehi",
@@ -169,7 +170,8 @@ def test_sigterm_checkpoints_and_resume_true_finishes_identically(tmp_path):
         pytest.skip("the run finished before SIGTERM arrived; nothing was interrupted")
     assert (run_dir / "checkpoint.pt").exists()
 
-    resumed = run_cli(*common, f"paths.run_dir={run_dir}", "trainer.resume=true")
+    # The default trainer.resume=auto continues the run: its config.yaml matches.
+    resumed = run_cli(*common, f"paths.run_dir={run_dir}")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
 
     def val_rows(path):
@@ -244,3 +246,32 @@ def test_broken_checkpoint_is_a_clear_error_and_leaves_the_folder(tmp_path):
     with pytest.raises(RunError, match="checkpoint.pt"):
         run(cfg)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_auto_resume_only_continues_a_run_with_the_same_config(tmp_path):
+    from lehi.runner import _same_run
+
+    cfg = compose_config(digits_overrides(tmp_path))
+    files = RunFiles(tmp_path / "run")
+    files.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    assert _same_run(files, compose_config(digits_overrides(tmp_path, "trainer.force=true")))
+    assert not _same_run(files, compose_config(digits_overrides(tmp_path, "trainer.epochs=4")))
+
+
+def test_two_job_multirun_through_submitit_local(tmp_path):
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "optimizer=adam,lehi",
+        "trainer.epochs=1",
+        "logger=files",
+        f"paths.results_dir={tmp_path / 'results'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    for optimizer in ("adam", "lehi"):
+        summary = (
+            tmp_path / "results" / "digits" / optimizer / "lr=0.001" / "seed=0" / "summary.json"
+        )
+        assert json.loads(summary.read_text())["status"] == "completed"
+    assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))
