@@ -263,8 +263,12 @@ class Trainer:
         return mean, self.metric_from(mean, correct.item(), terms)
 
     @torch.no_grad()
-    def _parameters_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.state_model.parameters())
+    def _finite(self, x: Tensor) -> bool:
+        """Whether the weights, and the outputs they give on ``x``, are all finite."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.state_model.parameters()):
+            return False
+        with self.autocast:
+            return bool(torch.isfinite(self.model(x)).all())
 
     def _row(self, split: str, loss: float, metric: float) -> dict[str, Any]:
         row = {
@@ -307,9 +311,9 @@ class Trainer:
                 try:
                     loss, correct = self.train_step(x, y)
                 except RuntimeError:
-                    # Non-finite weights make later ops fail (e.g. sampling from NaN
-                    # probabilities): that is divergence, a result, not a crash.
-                    if self._parameters_finite():
+                    # Non-finite weights or outputs make later ops fail (e.g. sampling from
+                    # NaN probabilities): that is divergence, a result, not a crash.
+                    if self._finite(x):
                         raise
                     self.train_time += time.perf_counter() - segment_start
                     status, diverged_at = "diverged", self.step

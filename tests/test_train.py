@@ -275,3 +275,12 @@ def test_two_job_multirun_through_submitit_local(tmp_path):
         )
         assert json.loads(summary.read_text())["status"] == "completed"
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))
+
+
+def test_overflowing_logits_are_divergence_not_a_crash(tmp_path, one_thread):
+    # LEHI at lr 1e-2 on digits blows the logits up within a few steps: sampling labels from
+    # non-finite probabilities fails inside the curvature pass, which must read as diverged.
+    cfg = compose_config(digits_overrides(tmp_path, "optimizer=lehi", "optimizer.lr=1e-2"))
+    summary = run(cfg)
+    assert summary["status"] == "diverged"
+    assert summary["error"] is None
