@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
 from lehi.checkpoint import CheckpointError
+from lehi.distributed import from_environment
 from lehi.logging import RunFiles, WandbLogger, environment
-from lehi.optim import build_optimizer
+from lehi.optim import CurvatureOptimizer, build_optimizer
 from lehi.train import Trainer, TrainerConfig, pick_device
 
 __all__ = ["RunError", "build_model", "run", "run_dir_for"]
@@ -203,6 +205,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     device = pick_device(cfg.trainer.device)
+    dist = from_environment(device)
+    if dist is not None:
+        device = dist.device(device)
+    main = dist is None or dist.is_main
     seed = int(cfg.seed)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -221,7 +227,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    trained = torch.compile(model) if cfg.trainer.compile else model
+    trained = model
+    if cfg.trainer.compile:
+        if isinstance(optimizer, CurvatureOptimizer):
+            # The auxiliary backward reuses the graph (retain_graph=True), which AOTAutograd's
+            # donated buffers forbid.
+            torch._functorch.config.donated_buffer = False
+        trained = torch.compile(model)
+    if dist is not None:
+        trained = DistributedDataParallel(
+            trained, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if isinstance(optimizer, CurvatureOptimizer):
+            optimizer.reduce_curvature_grads = dist.mean_
     trainer = Trainer(
         trained,
         optimizer,
@@ -229,8 +247,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer_config,
         device=device,
         seed=seed,
-        files=files,
+        files=files if main else None,
         state_model=model,
+        dist=dist,
     )
     rows: list[dict[str, Any]] = []
     if resume:
@@ -239,13 +258,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except CheckpointError as exc:
             raise RunError(str(exc)) from None
         rows = trainer.rows
-    else:
+    elif main:
         files.clear()
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    files.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    files.write_env(environment(device))
-    wandb_logger = _wandb_logger(cfg, files.dir, resolved)
+    wandb_logger = None
+    if main:
+        files.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+        files.write_env(environment(device))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        wandb_logger = _wandb_logger(cfg, files.dir, resolved)
     if wandb_logger is not None:
         trainer.on_row = wandb_logger.log
     n_params = sum(p.numel() for p in model.parameters())
@@ -274,16 +295,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as exc:
         summary = {**identity, **trainer.summary("failed", None)}
         summary["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        files.write_metrics(trainer.rows)
-        files.write_summary(summary)
+        if main:
+            files.write_metrics(trainer.rows)
+            files.write_summary(summary)
         if wandb_logger is not None:
             wandb_logger.finish(summary)
         raise
+    finally:
+        if dist is not None:
+            dist.close()
     if summary["status"] == "interrupted":
         log.info(
             "%s: interrupted at step %d; trainer.resume=true continues it", files.dir, trainer.step
         )
         signals.hand_over()
+        return summary
+    if not main:
         return summary
     files.write_summary(summary)
     if not cfg.trainer.keep_checkpoint:

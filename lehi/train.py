@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lehi.checkpoint import load_checkpoint, save_checkpoint
 from lehi.curvature import get_loss_rule
 from lehi.data import DataBundle
+from lehi.distributed import Distributed
 from lehi.logging import RunFiles
 from lehi.models.flops import device_peak_flops, flops_per_token, mfu
 from lehi.optim import backward
@@ -108,6 +109,8 @@ class Trainer:
         files: the run folder, or None to write nothing (non-zero DDP ranks).
         on_row: called with every metrics row (W&B).
         state_model: the module whose state_dict is checkpointed (the unwrapped model).
+        dist: this process's place in a torchrun job: it trains on its shard of each global
+            batch and logs cross-rank means; None for a single process.
     """
 
     def __init__(
@@ -122,8 +125,10 @@ class Trainer:
         files: RunFiles | None,
         on_row: Callable[[dict[str, Any]], None] | None = None,
         state_model: nn.Module | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist
         self.state_model = state_model if state_model is not None else model
         self.optimizer = optimizer
         self.bundle = bundle
@@ -262,6 +267,12 @@ class Trainer:
         mean = (total / max(terms, 1)).item()
         return mean, self.metric_from(mean, correct.item(), terms)
 
+    def _global_mean(self, t: Tensor) -> Tensor:
+        """``t`` averaged in place across ranks (itself for a single process)."""
+        if self.dist is not None:
+            self.dist.sum_(t).div_(self.dist.world_size)
+        return t
+
     @torch.no_grad()
     def _finite(self, x: Tensor) -> bool:
         """Whether the weights, and the outputs they give on ``x``, are all finite."""
@@ -308,6 +319,8 @@ class Trainer:
             if position == 0 and self._has_state:
                 self.state_model.reset_state()
             for x, y in self.bundle.train.iter_epoch(epoch, self.seed, start_step=position):
+                if self.dist is not None:
+                    x, y = self.dist.shard(x, y)
                 try:
                     loss, correct = self.train_step(x, y)
                 except RuntimeError:
@@ -325,11 +338,15 @@ class Trainer:
                     log_correct += correct
                     log_terms += y.numel()
                 if self.first_loss is None:
-                    self.first_loss = loss.item()
+                    self.first_loss = self._global_mean(loss.clone()).item()
                 at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
                 if self.step % self.config.log_every == 0 or at_eval or self.stop_requested:
                     self._sync()
                     self.train_time += time.perf_counter() - segment_start
+                    if self.dist is not None:
+                        self._global_mean(log_loss)
+                        self.dist.sum_(log_correct)
+                        log_terms *= self.dist.world_size
                     mean = log_loss.item() / log_steps
                     self._row("train", mean, self.metric_from(mean, log_correct.item(), log_terms))
                     progress(self.step, mean)
