@@ -12,6 +12,17 @@ of the mini-batch Gauss–Newton matrix divided by N (see ../shared/docs/METHOD.
 
 This module is the only place that knows how v is drawn for each loss. A loss rule bundles the
 loss itself (as the trainer computes it), the draw of v and the count N of loss terms.
+
+Cross-entropy draws a label per loss term from softmax(z) with one of two samplers (SAMPLERS),
+the same distribution by two algorithms:
+    "multinomial"   torch.multinomial (the default): the draws torch's own call makes from the
+                    same generator state, as the official SophiaG code samples. It draws one
+                    exponential variate per class per term, sequentially on CPU: for a
+                    language model's vocabulary this costs more than the backward pass.
+    "inverse_cdf"   one uniform variate per term, located in the row's cumulative sum
+                    (searchsorted). Exactly Categorical(softmax(z)) up to float32 rounding of
+                    the cumulative sum; a different random stream; an order of magnitude
+                    cheaper for large vocabularies.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_RULES",
+    "SAMPLERS",
     "LossRule",
     "aux_loss",
     "aux_vector",
@@ -41,7 +53,58 @@ class LossRule:
 
     loss: Callable[[Tensor, Tensor, int], Tensor]
     num_terms: Callable[[Tensor, Tensor, int], int]
-    draw_v: Callable[[Tensor, Tensor, torch.Generator, int], Tensor]
+    #: draw_v(outputs, targets, generator, ignore_index, sampler, shard) → v
+    draw_v: Callable[[Tensor, Tensor, torch.Generator, int, str, tuple[int, int]], Tensor]
+
+
+SAMPLERS = ("multinomial", "inverse_cdf")
+
+
+def check_sampler(sampler: str) -> None:
+    """A ValueError naming the allowed samplers when ``sampler`` is not one of them."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def shard_of(
+    shape: tuple[int, ...], shard: tuple[int, int], draw: Callable[[tuple[int, ...]], Tensor]
+) -> Tensor:
+    """``draw`` for the global batch (rows × ranks), then this rank's contiguous rows.
+
+    With ``shard=(rank, ranks)`` every rank makes the draws a single process would make for the
+    whole global batch and keeps its own slice, so a data-parallel run draws exactly the v of
+    a one-process run with the same global batch.
+    """
+    rank, ranks = shard
+    if ranks == 1:
+        return draw(shape)
+    rows = shape[0]
+    return draw((rows * ranks, *shape[1:]))[rank * rows : (rank + 1) * rows]
+
+
+def sample_categorical(
+    probs: Tensor, generator: torch.Generator, sampler: str, shard: tuple[int, int] = (0, 1)
+) -> Tensor:
+    """One class index per row of ``probs`` (rows summing to 1), shape (rows, 1).
+
+    ``shard`` (rank, ranks) draws the global batch's uniforms and keeps this rank's rows; only
+    the inverse-CDF sampler can do that (multinomial's draws depend on the other rows' data).
+    """
+    if sampler == "multinomial":
+        return torch.multinomial(probs, 1, generator=generator)
+    check_sampler(sampler)
+    cdf = probs.cumsum(dim=-1)
+    u = shard_of(
+        (probs.shape[0], 1),
+        shard,
+        lambda shape: torch.rand(
+            shape, generator=generator, device=probs.device, dtype=probs.dtype
+        ),
+    )
+    # The first class whose cumulative probability exceeds u·total: classes of probability
+    # 0 are never chosen; the clamp only catches u·total rounding up to the total.
+    sampled = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
+    return sampled.clamp_(max=probs.shape[-1] - 1)
 
 
 def _cross_entropy_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -55,7 +118,12 @@ def _cross_entropy_terms(outputs: Tensor, targets: Tensor, ignore_index: int) ->
 
 
 def _cross_entropy_v(
-    outputs: Tensor, targets: Tensor, generator: torch.Generator, ignore_index: int
+    outputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    ignore_index: int,
+    sampler: str,
+    shard: tuple[int, int],
 ) -> Tensor:
     """v = softmax(z) − onehot(ĉ), ĉ ~ Categorical(softmax(z)); v = 0 for ignored targets.
 
@@ -64,10 +132,12 @@ def _cross_entropy_v(
     """
     num_classes = outputs.shape[-1]
     probs = torch.softmax(outputs.detach().float().reshape(-1, num_classes), dim=-1)
-    sampled = torch.multinomial(probs, 1, generator=generator)
-    v = probs.scatter_add(1, sampled, torch.full_like(sampled, -1.0, dtype=probs.dtype))
-    keep = (targets.reshape(-1) != ignore_index).unsqueeze(1)
-    return (v * keep).reshape(outputs.shape).to(outputs.dtype)
+    sampled = sample_categorical(probs, generator, sampler, shard)
+    # In place on the fresh softmax: for a language model's logits every extra buffer of
+    # this size is a large share of the step's peak memory.
+    v = probs.scatter_add_(1, sampled, torch.full_like(sampled, -1.0, dtype=probs.dtype))
+    v.mul_((targets.reshape(-1) != ignore_index).unsqueeze(1))
+    return v.reshape(outputs.shape).to(outputs.dtype)
 
 
 def _mse_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -79,16 +149,27 @@ def _mse_terms(outputs: Tensor, targets: Tensor, ignore_index: int) -> int:
 
 
 def _mse_v(
-    outputs: Tensor, targets: Tensor, generator: torch.Generator, ignore_index: int
+    outputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    ignore_index: int,
+    sampler: str,
+    shard: tuple[int, int],
 ) -> Tensor:
     """v = sqrt(c)·ξ, ξ Rademacher, c = 2/q: the Hessian diagonal of PyTorch's MSELoss(mean).
+
+    ``sampler`` concerns categorical draws only and is ignored here.
 
     F.mse_loss averages over N examples × q outputs, so each example's term is
     (1/q)‖z − y‖², whose Hessian in z is (2/q)·I.
     """
     per_example = outputs[0].numel() if outputs.dim() > 1 else 1
-    signs = torch.randint(
-        0, 2, outputs.shape, generator=generator, device=outputs.device, dtype=torch.int8
+    signs = shard_of(
+        tuple(outputs.shape),
+        shard,
+        lambda shape: torch.randint(
+            0, 2, shape, generator=generator, device=outputs.device, dtype=torch.int8
+        ),
     )
     scale = math.sqrt(2.0 / per_example)
     return (signs.to(outputs.dtype) * 2 - 1) * scale
@@ -118,9 +199,18 @@ def aux_vector(
     generator: torch.Generator,
     *,
     ignore_index: int = -100,
+    sampler: str = "multinomial",
+    shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
-    """Draw v (detached, shaped like ``outputs``) with E[v] = 0 and E[v vᵀ] = H_z per term."""
-    return get_loss_rule(loss).draw_v(outputs.detach(), targets, generator, ignore_index)
+    """Draw v (detached, shaped like ``outputs``) with E[v] = 0 and E[v vᵀ] = H_z per term.
+
+    ``sampler``: how cross-entropy draws its labels (SAMPLERS; the module docstring).
+    ``shard``: (rank, ranks) of a data-parallel run whose ranks hold equal, contiguous slices
+    of the global batch (see :func:`shard_of`).
+    """
+    check_sampler(sampler)
+    rule = get_loss_rule(loss)
+    return rule.draw_v(outputs.detach(), targets, generator, ignore_index, sampler, shard)
 
 
 def num_loss_terms(loss: str, outputs: Tensor, targets: Tensor, ignore_index: int = -100) -> int:
@@ -135,14 +225,19 @@ def aux_loss(
     generator: torch.Generator,
     *,
     ignore_index: int = -100,
+    sampler: str = "multinomial",
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, int]:
     """The auxiliary loss (1/N) Σ_n v_n · z_n on the training graph, and N.
 
     N is at least 1 so a batch whose targets are all ignored gives a zero auxiliary loss.
     """
-    v = aux_vector(loss, outputs, targets, generator, ignore_index=ignore_index)
+    v = aux_vector(
+        loss, outputs, targets, generator, ignore_index=ignore_index, sampler=sampler, shard=shard
+    )
     n = max(num_loss_terms(loss, outputs, targets, ignore_index), 1)
-    return (v * outputs).sum() / n, n
+    # Σ v·z as a dot product: no outputs-sized product buffer; its gradient is still v / N.
+    return torch.dot(v.reshape(-1), outputs.reshape(-1)) / n, n
 
 
 def per_example_curvature(
@@ -154,6 +249,7 @@ def per_example_curvature(
     *,
     params: Sequence[str] | None = None,
     ignore_index: int = -100,
+    sampler: str = "multinomial",
 ) -> dict[str, Tensor]:
     """Exact per-example mode: Σ_n (J_nᵀ v_n)² / N², without cross-sample noise.
 
@@ -174,7 +270,7 @@ def per_example_curvature(
     detached = {n: p.detach() for n, p in model.named_parameters()}
     with torch.no_grad():
         outputs = model(inputs)
-    v = aux_vector(loss, outputs, targets, generator, ignore_index=ignore_index)
+    v = aux_vector(loss, outputs, targets, generator, ignore_index=ignore_index, sampler=sampler)
     n_terms = max(num_loss_terms(loss, outputs, targets, ignore_index), 1)
 
     def example_aux(trainable: dict[str, Tensor], x: Tensor, v_n: Tensor) -> Tensor:

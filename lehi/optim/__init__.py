@@ -40,8 +40,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` with hyper-parameters ``cfg``.
 
-    ``loss`` (the loss whose Hessian is imitated) is accepted for every optimizer and passed on
-    only to the curvature-aware ones, so one config drives all five.
+    ``loss`` (the loss whose Hessian is imitated), ``ignore_index``, ``sampler`` and ``seed``
+    are accepted for every optimizer and passed on only to the curvature-aware ones, so one
+    config drives all five.
     """
     try:
         cls = OPTIMIZERS[name]
@@ -49,7 +50,7 @@ def build_optimizer(
         known = ", ".join(OPTIMIZERS)
         raise ValueError(f"optimizer={name!r} is not one of {known}") from None
     if not issubclass(cls, CurvatureOptimizer):
-        for key in ("loss", "ignore_index", "seed"):
+        for key in ("loss", "ignore_index", "sampler", "seed"):
             cfg.pop(key, None)
         lr = cfg.get("lr", 1e-3)
         if not lr > 0:

@@ -2,9 +2,12 @@
 
 A curvature-aware optimizer (LEHI, LEHIBrid, SophiaG) replaces ``loss.backward()`` in a training
 loop by ``optimizer.backward(loss, outputs, targets)``. On steps that refresh the curvature it
-runs the ordinary backward with the graph retained, then one more backward of the auxiliary
-loss (1/N) Σ_n v_n · z_n through the same graph (lehi.curvature), and folds the resulting
-Hessian-imitation vector into the optimizer state. The model is never run twice.
+runs two backward passes through the same graph: the ordinary one and one of the auxiliary
+loss (1/N) Σ_n v_n · z_n (lehi.curvature), whose gradient is folded into the optimizer state
+parameter by parameter as autograd produces it. The model is never run twice. The auxiliary
+pass goes first (graph retained) unless the fold reads the ordinary gradient (LEHIBrid) or a
+distributed trainer averages gradients; the first pass keeps the graph alive, so whichever
+pass comes second is the one that frees it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lehi.curvature import aux_loss, get_loss_rule, num_loss_terms, per_example_curvature
+from lehi.curvature import (
+    aux_loss,
+    check_sampler,
+    get_loss_rule,
+    num_loss_terms,
+    per_example_curvature,
+)
 
 __all__ = ["CurvatureOptimizer", "check_hyperparameters"]
 
@@ -45,8 +54,11 @@ class CurvatureOptimizer(Optimizer):
 
     Subclasses implement ``_fold(p, group, h, n)``, which adds one parameter's
     Hessian-imitation vector h (the squared auxiliary gradient, before any N-scaling) to the
-    state, and may set ``_streams_curvature = False`` when the fold needs every parameter's
-    auxiliary gradient at once (e.g. to clip their joint norm).
+    state. They may override ``_fold_aux_grad(p, group, a, n)``, which receives the auxiliary
+    gradient a itself (default: ``_fold(p, group, a.square(), n)``), to fold a⊙a without
+    materialising it; set ``_streams_curvature = False`` when the fold needs every
+    parameter's auxiliary gradient at once (e.g. to clip their joint norm); and set
+    ``_fold_reads_gradient = True`` when the fold reads ``p.grad`` (the ordinary gradient).
 
     Attributes:
         curvature_passes: auxiliary backward passes run so far (saved in the state dict).
@@ -58,6 +70,11 @@ class CurvatureOptimizer(Optimizer):
     #: Fold each parameter's auxiliary gradient as soon as backward produces it, so no second
     #: full set of gradient buffers is ever alive.
     _streams_curvature = True
+    #: Whether the fold reads p.grad. When it does not (and no distributed trainer averages
+    #: the gradients), the auxiliary pass runs first and the ordinary backward second: the
+    #: auxiliary pass then never coexists with a full set of ordinary gradients, and the
+    #: ordinary backward frees the graph as it goes, as it would without curvature.
+    _fold_reads_gradient = False
 
     def __init__(
         self,
@@ -69,19 +86,27 @@ class CurvatureOptimizer(Optimizer):
         seed: int | None,
         estimator: str,
         estimators: Sequence[str],
+        sampler: str = "multinomial",
     ) -> None:
         get_loss_rule(loss)
         if estimator not in estimators:
             raise ValueError(f"estimator={estimator!r} is not one of {', '.join(estimators)}")
+        check_sampler(sampler)
         super().__init__(params, defaults)
         self.loss = loss
         self.ignore_index = ignore_index
         self.estimator = estimator
+        self.sampler = sampler
         # Drawn from torch's global RNG when not given, so torch.manual_seed fixes it too.
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.curvature_passes = 0
         self.num_loss_terms: int | None = None
         self.reduce_curvature_grads: Callable[[list[Tensor]], None] | None = None
+        #: (rank, ranks) of a data-parallel run: v is drawn for the global batch and sliced.
+        self.shard: tuple[int, int] = (0, 1)
+        # Auxiliary gradients of the micro-batches of the current step (gradient accumulation).
+        self._accumulated: list[Tensor] | None = None
+        self._accumulated_terms = 0
         self._generator: torch.Generator | None = None
         self._pending_generator_state: tuple[str, Tensor] | None = None
         self._curvature_ready_at: int | None = None
@@ -124,63 +149,132 @@ class CurvatureOptimizer(Optimizer):
         *,
         model: torch.nn.Module | None = None,
         inputs: Tensor | None = None,
+        micro_batch: tuple[int, int] = (0, 1),
     ) -> None:
         """Fill ``.grad`` with ∇loss and, on refresh steps, fold h into the state.
 
         Args:
-            loss: the training loss computed from ``outputs`` (mean over N loss terms).
+            loss: the training loss computed from ``outputs`` (mean over N loss terms), already
+                divided by the number of micro-batches when gradients are accumulated.
             outputs: the tensor the loss consumed (logits or predictions), still on the graph.
             targets: the loss's targets; ignored targets contribute nothing to h.
             model, inputs: needed only by ``estimator="per_example"``.
+            micro_batch: (i, k) for the i-th of k micro-batches of one step. The auxiliary
+                gradients of the k micro-batches are summed (each divided by k, like the loss)
+                and h is their square, folded after the last: the h of the whole step's batch.
         """
         if not self.needs_aux_pass():
             loss.backward()
             return
-        loss.backward(retain_graph=True)
         generator = self.curvature_generator(outputs.device)
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if micro_batch[1] > 1:
+            self._accumulate(loss, outputs, targets, generator, params, micro_batch)
+            return
         if self.estimator == "per_example":
+            loss.backward()
             self._per_example_pass(params, model, inputs, outputs, targets, generator)
+        elif self._fold_reads_gradient or self.reduce_curvature_grads is not None:
+            # DistributedDataParallel ties its gradient averaging to the first backward after
+            # the forward, so under a distributed trainer the ordinary backward comes first.
+            loss.backward(retain_graph=True)
+            aux, n = self._aux_loss(outputs, targets, generator)
+            self._auxiliary_pass(aux, params, n, retain_graph=False)
         else:
-            aux, n = aux_loss(
-                self.loss, outputs, targets, generator, ignore_index=self.ignore_index
-            )
-            self._auxiliary_pass(aux, params, n)
+            aux, n = self._aux_loss(outputs, targets, generator)
+            self._auxiliary_pass(aux, params, n, retain_graph=True)
+            del aux  # the ordinary backward below frees the graph; nothing else may hold it
+            loss.backward()
         self.curvature_passes += 1
         self._curvature_ready_at = self.steps_taken()
 
-    def _auxiliary_pass(self, aux: Tensor, params: list[Tensor], n: int) -> None:
+    def _accumulate(
+        self,
+        loss: Tensor,
+        outputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator,
+        params: list[Tensor],
+        micro_batch: tuple[int, int],
+    ) -> None:
+        """One micro-batch of an accumulated step; folds h after the last one."""
+        if self.estimator == "per_example":
+            raise ValueError("estimator='per_example' does not support gradient accumulation")
+        i, k = micro_batch
+        loss.backward(retain_graph=True)
+        aux, n = self._aux_loss(outputs, targets, generator)
+        grads = torch.autograd.grad(aux / k, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if i == 0 or self._accumulated is None:
+            self._accumulated, self._accumulated_terms = grads, n
+        else:
+            torch._foreach_add_(self._accumulated, grads)
+            self._accumulated_terms += n
+        if i < k - 1:
+            return
+        grads, n = self._accumulated, self._accumulated_terms
+        self._accumulated, self._accumulated_terms = None, 0
+        self._fold_materialised(params, grads, n)
+        self.curvature_passes += 1
+        self._curvature_ready_at = self.steps_taken()
+
+    def _aux_loss(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, int]:
+        return aux_loss(
+            self.loss,
+            outputs,
+            targets,
+            generator,
+            ignore_index=self.ignore_index,
+            sampler=self.sampler,
+            shard=self.shard,
+        )
+
+    def _auxiliary_pass(
+        self, aux: Tensor, params: list[Tensor], n: int, *, retain_graph: bool
+    ) -> None:
         group_of = self._group_of()
         if self._streams_curvature and self.reduce_curvature_grads is None:
             self.num_loss_terms = n
-            zero = torch.zeros((), dtype=aux.dtype, device=aux.device)
-            handles = [
-                p.register_hook(partial(self._fold_hook, p, group_of, n, zero)) for p in params
-            ]
+            handles = [p.register_hook(partial(self._fold_hook, p, group_of[p], n)) for p in params]
             try:
-                torch.autograd.grad(aux, params, allow_unused=True)
+                torch.autograd.grad(aux, params, allow_unused=True, retain_graph=retain_graph)
             finally:
                 for handle in handles:
                     handle.remove()
             return
-        grads = list(torch.autograd.grad(aux, params, allow_unused=True))
+        grads = list(torch.autograd.grad(aux, params, allow_unused=True, retain_graph=retain_graph))
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        self._fold_materialised(params, grads, n)
+
+    def _fold_materialised(self, params: list[Tensor], grads: list[Tensor], n: int) -> None:
+        """Fold a full set of auxiliary gradients: averaged across ranks, prepared, squared."""
         if self.reduce_curvature_grads is not None:
             self.reduce_curvature_grads(grads)
             n = self._global_loss_terms(n)
         self.num_loss_terms = n
         self._prepare_aux_grads(grads)
+        group_of = self._group_of()
         with torch.no_grad():
-            for p, a in zip(params, grads):
-                self._fold(p, group_of[p], a.square(), n)
+            self._fold_aux_grads(params, grads, [group_of[p] for p in params], n)
 
-    def _fold_hook(
-        self, p: Tensor, group_of: dict[Tensor, dict], n: int, zero: Tensor, aux_grad: Tensor
-    ) -> Tensor:
+    def _fold_hook(self, p: Tensor, group: dict[str, Any], n: int, aux_grad: Tensor) -> Tensor:
         with torch.no_grad():
-            self._fold(p, group_of[p], aux_grad.square(), n)
+            self._fold_aux_grad(p, group, aux_grad, n)
         # A zero-strided zero keeps autograd.grad from holding a second set of gradients.
-        return zero.to(aux_grad.dtype).expand_as(aux_grad)
+        return aux_grad.new_zeros(()).expand_as(aux_grad)
+
+    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
+        """Fold one parameter's auxiliary gradient a, i.e. h = a⊙a (no N-scaling yet)."""
+        self._fold(p, group, a.square(), n)
+
+    def _fold_aux_grads(
+        self, params: list[Tensor], grads: list[Tensor], groups: list[dict[str, Any]], n: int
+    ) -> None:
+        """Fold a full set of auxiliary gradients (the non-streaming path)."""
+        for p, a, group in zip(params, grads, groups):
+            self._fold_aux_grad(p, group, a, n)
 
     def _per_example_pass(
         self,
@@ -194,7 +288,13 @@ class CurvatureOptimizer(Optimizer):
         if model is None or inputs is None:
             raise ValueError("estimator='per_example' needs backward(..., model=, inputs=)")
         h = per_example_curvature(
-            model, inputs, targets, self.loss, generator, ignore_index=self.ignore_index
+            model,
+            inputs,
+            targets,
+            self.loss,
+            generator,
+            ignore_index=self.ignore_index,
+            sampler=self.sampler,
         )
         n = max(num_loss_terms(self.loss, outputs, targets, self.ignore_index), 1)
         self.num_loss_terms = n

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -57,9 +58,17 @@ class LEHI(CurvatureOptimizer):
         eps_inside_sqrt: use sqrt(v̂ + ε), the form of the paper's analysis; default False.
         bias_correction: divide v by 1 − β2^r (r = curvature refreshes); default True.
         ignore_index: targets with this value contribute nothing to h (cross-entropy).
+        sampler: how cross-entropy's labels are drawn: ``"multinomial"`` (torch.multinomial;
+            default) or ``"inverse_cdf"`` (same distribution, one uniform per loss term: far
+            cheaper for large vocabularies); see lehi.curvature.
         seed: seed of the generator the auxiliary draws come from (saved in the state dict);
             by default drawn from torch's global generator.
         foreach: use the multi-tensor path; None chooses like torch.optim (CUDA → foreach).
+        compile: run the step as one graph through ``torch.compile`` (inductor fuses each
+            parameter's update into a single pass over p, g, m and v); built on the first
+            step, which takes seconds, and rebuilt when the parameter shapes or the static
+            options change. Overrides ``foreach``. Needs a working torch.compile (a C++
+            compiler on CPU); tested on CPU against the eager path. Default False.
     """
 
     def __init__(
@@ -77,8 +86,10 @@ class LEHI(CurvatureOptimizer):
         eps_inside_sqrt: bool = False,
         bias_correction: bool = True,
         ignore_index: int = -100,
+        sampler: str = "multinomial",
         seed: int | None = None,
         foreach: bool | None = None,
+        compile: bool = False,
     ) -> None:
         check_hyperparameters(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_every=hessian_every
@@ -93,7 +104,10 @@ class LEHI(CurvatureOptimizer):
             eps_inside_sqrt=eps_inside_sqrt,
             bias_correction=bias_correction,
             foreach=foreach,
+            compile=compile,
         )
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         super().__init__(
             params,
             defaults,
@@ -102,6 +116,7 @@ class LEHI(CurvatureOptimizer):
             seed=seed,
             estimator=estimator,
             estimators=ESTIMATORS,
+            sampler=sampler,
         )
 
     # ------------------------------------------------------------------------ curvature
@@ -125,6 +140,14 @@ class LEHI(CurvatureOptimizer):
         h = self._combine(h, p.grad, group)
         beta2 = group["betas"][1]
         state["exp_avg_curvature"].mul_(beta2).add_(h, alpha=1 - beta2)
+        state["curvature_step"] += 1
+
+    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
+        """v ← β2 v + (1 − β2)·s·a⊙a in one pass: h = a⊙a is never materialised."""
+        state = self._state_for(p)
+        beta2 = group["betas"][1]
+        scale = n if group["scale_by_batch"] else 1
+        state["exp_avg_curvature"].mul_(beta2).addcmul_(a, a, value=(1 - beta2) * scale)
         state["curvature_step"] += 1
 
     # ----------------------------------------------------------------------------- step
@@ -156,10 +179,13 @@ class LEHI(CurvatureOptimizer):
                 curvature_steps.append(state["curvature_step"])
             if not params:
                 continue
-            foreach = group["foreach"]
-            if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(params, False, False)
-            update = _multi_tensor_lehi if foreach else _single_tensor_lehi
+            if group.get("compile", False):
+                update = _compiled_lehi_update
+            else:
+                foreach = group["foreach"]
+                if foreach is None:
+                    _, foreach = _default_to_fused_or_foreach(params, False, False)
+                update = _multi_tensor_lehi if foreach else _single_tensor_lehi
             update(
                 params,
                 grads,
@@ -235,11 +261,11 @@ def _multi_tensor_lehi(
         [params, grads, exp_avgs, exp_avg_curvatures, steps, curvature_steps]
     )
     for (dev_params, dev_grads, dev_m, dev_v, dev_steps, dev_curv_steps), _ in grouped.values():
-        torch._foreach_add_(dev_steps, 1)
+        _increment(dev_steps)
         if fold_squared_gradient:
             torch._foreach_mul_(dev_v, beta2)
             torch._foreach_addcmul_(dev_v, dev_grads, dev_grads, 1 - beta2)
-            torch._foreach_add_(dev_curv_steps, 1)
+            _increment(dev_curv_steps)
         if weight_decay != 0:
             torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
         torch._foreach_lerp_(dev_m, dev_grads, 1 - beta1)
@@ -254,6 +280,104 @@ def _multi_tensor_lehi(
             torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
             torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(dev_params, dev_m, denom, [-lr / b for b in bc1])
+
+
+def _increment(counters: list[Tensor]) -> None:
+    """counters += 1. For CPU counters one wrapped 1.0 for all, as torch.optim.Adam does:
+    ``_foreach_add_(counters, 1)`` would wrap the scalar again for every tensor."""
+    if counters[0].is_cpu:
+        torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(counters, 1)
+
+
+def _graph_lehi(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_curvatures: list[Tensor],
+    scalars: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    decay: bool,
+    fold_squared_gradient: bool,
+) -> None:
+    """The single-tensor update in a form torch.compile captures as one graph.
+
+    ``scalars[i]`` holds parameter i's step size lr / (1 − β1^t), its v correction (√(1 − β2^r),
+    or 1 − β2^r under eps_inside_sqrt) and its decay factor 1 − lr·λ, computed outside: as
+    data, a new step or learning rate changes no graph, and the per-element loop inductor
+    generates only loads them (powers inside the graph would be re-evaluated per vector).
+    """
+    for i, (param, grad, exp_avg, exp_avg_curvature) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_curvatures)
+    ):
+        step_size, correction, decay_factor = scalars[i, 0], scalars[i, 1], scalars[i, 2]
+        if fold_squared_gradient:
+            exp_avg_curvature.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if decay:
+            param.mul_(decay_factor)
+        exp_avg.lerp_(grad, 1 - beta1)
+        if eps_inside_sqrt:
+            denom = (exp_avg_curvature / correction).add_(eps).sqrt_()
+        else:
+            denom = (exp_avg_curvature.sqrt() / correction).add_(eps)
+        param.sub_(exp_avg / denom * step_size)
+
+
+def _compiled_lehi_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_curvatures: list[Tensor],
+    steps: list[Tensor],
+    curvature_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    bias_correction: bool,
+    fold_squared_gradient: bool,
+) -> None:
+    """The step through :func:`_graph_lehi`: counters and scalars here, tensors there."""
+    lr = float(lr)
+    _increment(steps)
+    if fold_squared_gradient:
+        _increment(curvature_steps)
+    bc1 = bias_corrections(beta1, steps)
+    bc2 = bias_corrections(beta2, curvature_steps, bias_correction)
+    corrections = bc2 if eps_inside_sqrt else [math.sqrt(b) for b in bc2]
+    scalars = torch.tensor(
+        [[lr / b1, b2, 1 - lr * weight_decay] for b1, b2 in zip(bc1, corrections)],
+        dtype=torch.float64,
+        device=params[0].device,
+    )
+    _compiled_lehi()(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_curvatures,
+        scalars,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps_inside_sqrt=eps_inside_sqrt,
+        decay=weight_decay != 0,
+        fold_squared_gradient=fold_squared_gradient,
+    )
+
+
+@functools.cache
+def _compiled_lehi() -> Callable[..., None]:
+    """:func:`_graph_lehi` through torch.compile, created on first use (importing the
+    compiler stack costs about a second, which plain eager users should not pay)."""
+    return torch.compile(_graph_lehi, fullgraph=True, dynamic=False)
 
 
 class LEHIBrid(LEHI):
@@ -287,6 +411,13 @@ class LEHIBrid(LEHI):
         for group in self.param_groups:
             group.setdefault("hybrid", hybrid)
             group.setdefault("mix_weight", mix_weight)
+
+    #: max/sum/mix read g, so the ordinary backward must run before the auxiliary one.
+    _fold_reads_gradient = True
+
+    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
+        """The hybrid needs h itself next to g⊙g: square a, then fold as :meth:`LEHI._fold`."""
+        self._fold(p, group, a.square(), n)
 
     def _combine(self, h: Tensor, grad: Tensor | None, group: dict[str, Any]) -> Tensor:
         if grad is None:

@@ -42,7 +42,7 @@ class SophiaG(CurvatureOptimizer):
         betas: (β1, β2); default (0.965, 0.99).
         rho: ρ; default 0.04.
         weight_decay: decoupled weight decay λ; default 0.1.
-        loss, ignore_index, seed, foreach: as for :class:`lehi.optim.LEHI`.
+        loss, ignore_index, sampler, seed, foreach: as for :class:`lehi.optim.LEHI`.
         hessian_every: k; default 10.
         curvature_grad_clip: max norm of ĝ over all parameters; default 1.0.
     """
@@ -59,6 +59,7 @@ class SophiaG(CurvatureOptimizer):
         hessian_every: int = 10,
         curvature_grad_clip: float | None = 1.0,
         ignore_index: int = -100,
+        sampler: str = "multinomial",
         seed: int | None = None,
         foreach: bool | None = None,
     ) -> None:
@@ -85,6 +86,7 @@ class SophiaG(CurvatureOptimizer):
             seed=seed,
             estimator="sampled",
             estimators=("sampled",),
+            sampler=sampler,
         )
         self.curvature_grad_clip = curvature_grad_clip
         # Clipping needs the joint norm of every auxiliary gradient before any is folded.
@@ -109,6 +111,24 @@ class SophiaG(CurvatureOptimizer):
     def _fold(self, p: Tensor, group: dict[str, Any], h: Tensor, n: int) -> None:
         beta2 = group["betas"][1]
         self._state_for(p)["hessian"].mul_(beta2).add_(h, alpha=1 - beta2)
+
+    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
+        beta2 = group["betas"][1]
+        self._state_for(p)["hessian"].mul_(beta2).addcmul_(a, a, value=1 - beta2)
+
+    def _fold_aux_grads(
+        self, params: list[Tensor], grads: list[Tensor], groups: list[dict[str, Any]], n: int
+    ) -> None:
+        # One multi-tensor update per group instead of a Python loop over parameters.
+        for group in self.param_groups:
+            pairs = [(p, a) for p, a, g in zip(params, grads, groups) if g is group]
+            if not pairs:
+                continue
+            beta2 = group["betas"][1]
+            hessians = [self._state_for(p)["hessian"] for p, _ in pairs]
+            aux = [a for _, a in pairs]
+            torch._foreach_mul_(hessians, beta2)
+            torch._foreach_addcmul_(hessians, aux, aux, value=1 - beta2)
 
     @torch.no_grad()
     def step(self, closure=None, bs: int | None = None):  # noqa: ANN001 - torch.optim's signature
@@ -172,8 +192,9 @@ def _single_tensor_sophiag(
         step += 1
         param.mul_(1 - lr * weight_decay)
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        ratio = (exp_avg.abs() / (rho * bs * hess + 1e-15)).clamp(None, 1)
-        param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+        # sign(m)·min(|m| / d, 1) = clamp(m / d, −1, 1) for d > 0, in one buffer.
+        update = (rho * bs * hess).add_(1e-15).reciprocal_().mul_(exp_avg).clamp_(-1, 1)
+        param.add_(update, alpha=-lr)
 
 
 def _multi_tensor_sophiag(
@@ -197,9 +218,12 @@ def _multi_tensor_sophiag(
         torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
         torch._foreach_mul_(dev_m, beta1)
         torch._foreach_add_(dev_m, dev_grads, alpha=1 - beta1)
-        denom = torch._foreach_mul(dev_h, rho * bs)
-        torch._foreach_add_(denom, 1e-15)
-        ratio = torch._foreach_abs(dev_m)
-        torch._foreach_div_(ratio, denom)
-        torch._foreach_clamp_max_(ratio, 1)
-        torch._foreach_addcmul_(dev_params, torch._foreach_sign(dev_m), ratio, value=-lr)
+        # As the single-tensor path: clamp(m / d, −1, 1) built in one set of buffers, so the
+        # step holds one temporary per parameter (AdamW's step holds one too).
+        update = torch._foreach_mul(dev_h, rho * bs)
+        torch._foreach_add_(update, 1e-15)
+        torch._foreach_reciprocal_(update)
+        torch._foreach_mul_(update, dev_m)
+        torch._foreach_clamp_min_(update, -1)
+        torch._foreach_clamp_max_(update, 1)
+        torch._foreach_add_(dev_params, update, alpha=-lr)

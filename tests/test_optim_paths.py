@@ -1,0 +1,159 @@
+"""The faster paths of the optimizers against the plain ones they replace.
+
+- LEHI(compile=True), the torch.compile'd step, against the eager single-tensor step.
+- The auxiliary-pass-first order of ``optimizer.backward`` (LEHI, Sophia) against an
+  independent computation of g and h from two separate graphs.
+- The inverse-CDF label sampler against the distribution it must draw from.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lehi.curvature import aux_loss, aux_vector, sample_categorical
+from lehi.optim import LEHI, LEHIBrid, SophiaG, backward
+
+
+@functools.cache
+def compile_works() -> bool:
+    """Whether torch.compile can build a kernel here (on CPU it needs a C++ compiler)."""
+    try:
+        fn = torch.compile(lambda t: t * 2 + 1, fullgraph=True)
+        return bool(torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0)))
+    except Exception:  # noqa: BLE001 - any failure means "not available here"
+        return False
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def batches(n_steps: int, n: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
+        for _ in range(n_steps)
+    ]
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data) -> None:
+    for x, y in data:
+        opt.zero_grad()
+        out = model(x)
+        backward(opt, F.cross_entropy(out, y), out, y)
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # weight decay, bias correction, ε outside the square root, lr changed mid-run
+        dict(weight_decay=0.01, hessian_every=2),
+        # ε inside the square root, no bias correction, h = g⊙g folded inside the step
+        dict(eps_inside_sqrt=True, bias_correction=False, estimator="squared_gradient"),
+    ],
+)
+def test_compiled_step_equals_eager_step(kwargs):
+    if not compile_works():
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    data = batches(6)
+    results = []
+    for compiled in (False, True):
+        model = mlp()
+        opt = LEHI(model.parameters(), lr=3e-3, seed=4, foreach=False, compile=compiled, **kwargs)
+        train(model, opt, data[:3])
+        for group in opt.param_groups:
+            group["lr"] = 1e-3  # a schedule's change must reach the compiled graph
+        train(model, opt, data[3:])
+        results.append((list(model.parameters()), opt))
+    (eager_params, eager_opt), (compiled_params, compiled_opt) = results
+    for p, q in zip(eager_params, compiled_params):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+        for key in ("exp_avg", "exp_avg_curvature", "step", "curvature_step"):
+            torch.testing.assert_close(
+                compiled_opt.state[q][key], eager_opt.state[p][key], atol=1e-6, rtol=1e-6
+            )
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(ValueError, match="compile"):
+        LEHI(mlp().parameters(), compile="yes")
+
+
+@pytest.mark.parametrize("cls", [LEHI, SophiaG])
+def test_auxiliary_pass_first_gives_the_same_g_and_h(cls):
+    """backward() runs the auxiliary pass before the ordinary one; g and h are unchanged."""
+    model = mlp()
+    x, y = batches(1)[0]
+    opt = cls(model.parameters(), betas=(0.9, 0.0), seed=9)
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out, y)
+    params = list(model.parameters())
+    expected_g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    aux, _ = aux_loss("cross_entropy", model(x), y, torch.Generator().manual_seed(9))
+    expected_a = torch.autograd.grad(aux, params)
+    if cls is SophiaG:  # the official loop clips ĝ to norm 1 before it enters the EMA
+        norm = torch.linalg.vector_norm(torch.stack([a.norm() for a in expected_a]))
+        expected_a = [a * min(1.0, 1.0 / (norm.item() + 1e-6)) for a in expected_a]
+    key = "exp_avg_curvature" if cls is LEHI else "hessian"
+    for p, g, a in zip(params, expected_g, expected_a):
+        torch.testing.assert_close(p.grad, g)
+        torch.testing.assert_close(opt.state[p][key], a.square())
+
+
+# ----------------------------------------------------------------------------- samplers
+def test_inverse_cdf_sampler_draws_the_softmax_categorical():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    draws = 20000
+    g = torch.Generator().manual_seed(0)
+    rows = probs.repeat(draws, 1)
+    sampled = sample_categorical(rows, g, "inverse_cdf").reshape(draws, len(probs))
+    for r, p in enumerate(probs):
+        freq = torch.bincount(sampled[:, r], minlength=4).double() / draws
+        sigma = (p.double() * (1 - p.double()) / draws).sqrt()
+        assert torch.all((freq - p.double()).abs() <= 5 * sigma + 1e-12), (r, freq, p)
+        assert torch.all(freq[p == 0] == 0)  # a class of probability 0 is never drawn
+
+
+@pytest.mark.parametrize("sampler", ["multinomial", "inverse_cdf"])
+def test_cross_entropy_v_has_the_softmax_hessian_as_covariance(sampler):
+    """E[v] = 0 and E[v vᵀ] = diag(p) − p pᵀ, whichever sampler draws the labels."""
+    logits = torch.tensor([[1.0, -0.5, 0.3, 2.0]])
+    p = torch.softmax(logits, -1)[0].double()
+    g = torch.Generator().manual_seed(1)
+    draws = 20000
+    v = aux_vector(
+        "cross_entropy",
+        logits.repeat(draws, 1),
+        torch.zeros(draws, dtype=torch.long),
+        g,
+        sampler=sampler,
+    ).double()
+    torch.testing.assert_close(v.mean(0), torch.zeros(4, dtype=torch.float64), atol=0.02, rtol=0)
+    hessian = torch.diag(p) - torch.outer(p, p)
+    torch.testing.assert_close(v.T @ v / draws, hessian, atol=0.01, rtol=0)
+
+
+def test_optimizer_uses_its_sampler():
+    model = mlp()
+    x, y = batches(1)[0]
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), sampler="inverse_cdf", seed=3)
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out, y)
+    aux, _ = aux_loss(
+        "cross_entropy", model(x), y, torch.Generator().manual_seed(3), sampler="inverse_cdf"
+    )
+    for p, a in zip(model.parameters(), torch.autograd.grad(aux, list(model.parameters()))):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], a.square())
+
+
+@pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
+def test_unknown_sampler_is_a_clear_error(cls):
+    with pytest.raises(ValueError, match="sampler='gumbel' is not one of multinomial"):
+        cls(mlp().parameters(), sampler="gumbel")
