@@ -65,6 +65,7 @@ def _trainer_config(cfg: DictConfig) -> TrainerConfig:
     return TrainerConfig(
         epochs=t.epochs,
         max_steps=t.max_steps,
+        grad_accum=t.grad_accum,
         eval_every=t.eval_every,
         log_every=t.log_every,
         grad_clip=t.grad_clip,
@@ -240,6 +241,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         if isinstance(optimizer, CurvatureOptimizer):
             optimizer.reduce_curvature_grads = dist.mean_
+            if optimizer.sampler == "inverse_cdf":
+                # Every rank draws the global batch's v and keeps its slice: exactly the
+                # draws of a one-process run with the same global batch.
+                optimizer.shard = (dist.rank, dist.world_size)
+            else:
+                # multinomial draws cannot be sliced that way: independent streams per rank.
+                optimizer.seed = seed * 1_000_003 + dist.rank
     trainer = Trainer(
         trained,
         optimizer,

@@ -9,11 +9,12 @@ from the same graph. Nothing else here knows which optimizer runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class TrainerConfig:
 
     epochs: int | None = None
     max_steps: int | None = None
+    grad_accum: int = 1
     eval_every: int | None = None
     log_every: int = 10
     grad_clip: float | None = None
@@ -52,7 +54,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("trainer.epochs or trainer.max_steps must be set (a budget > 0)")
-        for key in ("epochs", "max_steps", "eval_every", "log_every"):
+        for key in ("epochs", "max_steps", "eval_every", "log_every", "grad_accum"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"trainer.{key} must be a positive integer, got {value!r}")
@@ -138,7 +140,13 @@ class Trainer:
         self.files = files
         self.on_row = on_row
         self.rule = get_loss_rule(bundle.loss)
-        self.steps_per_epoch = bundle.train.steps_per_epoch
+        self.accum = config.grad_accum
+        self.steps_per_epoch = bundle.train.steps_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"trainer.grad_accum={self.accum} exceeds the {bundle.train.steps_per_epoch} "
+                "batches of an epoch"
+            )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.eval_every = config.eval_every or self.steps_per_epoch
         # Always a LambdaLR (its state is checkpointed); stepped only when the LR can change.
@@ -219,22 +227,31 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One optimisation step; returns the loss and, for accuracy, the correct count."""
+    def train_step(self, batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None]:
+        """One optimisation step over ``grad_accum`` micro-batches.
+
+        Returns the mean loss and, for accuracy, the correct count.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
-            outputs = self.model(x)
-        loss = self.rule.loss(outputs.float(), y, self.bundle.ignore_index)
-        backward(self.optimizer, loss, outputs, y, model=self.model, inputs=x)
+        total, correct = None, None
+        for i, (x, y) in enumerate(batches):
+            with self.autocast:
+                outputs = self.model(x)
+            loss = self.rule.loss(outputs.float(), y, self.bundle.ignore_index)
+            extra = {"micro_batch": (i, self.accum)} if self.accum > 1 else {}
+            backward(
+                self.optimizer, loss / self.accum, outputs, y, model=self.model, inputs=x, **extra
+            )
+            total = loss.detach() if total is None else total + loss.detach()
+            if self.bundle.metric == "accuracy":
+                hits = (outputs.detach().argmax(-1) == y).sum()
+                correct = hits if correct is None else correct + hits
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         if self._lr_changes:
             self.scheduler.step()
-        correct = None
-        if self.bundle.metric == "accuracy":
-            correct = (outputs.detach().argmax(-1) == y).sum()
-        return loss.detach(), correct
+        return total / self.accum, correct
 
     def metric_from(self, mean_loss: float, correct: float | None, terms: int) -> float:
         """The dataset's metric from a mean loss (and a correct count for accuracy)."""
@@ -266,6 +283,15 @@ class Trainer:
         self.model.train(was_training)
         mean = (total / max(terms, 1)).item()
         return mean, self.metric_from(mean, correct.item(), terms)
+
+    def _steps(self, epoch: int, position: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """The micro-batches of each step of ``epoch`` from step ``position`` (this rank's shards)."""
+        batches = self.bundle.train.iter_epoch(epoch, self.seed, start_step=position * self.accum)
+        for _ in range(position, self.steps_per_epoch):
+            step = list(itertools.islice(batches, self.accum))
+            if self.dist is not None:
+                step = [self.dist.shard(x, y) for x, y in step]
+            yield step
 
     def _global_mean(self, t: Tensor) -> Tensor:
         """``t`` averaged in place across ranks (itself for a single process)."""
@@ -318,11 +344,10 @@ class Trainer:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if position == 0 and self._has_state:
                 self.state_model.reset_state()
-            for x, y in self.bundle.train.iter_epoch(epoch, self.seed, start_step=position):
-                if self.dist is not None:
-                    x, y = self.dist.shard(x, y)
+            for batches in self._steps(epoch, position):
+                x, y = batches[-1]
                 try:
-                    loss, correct = self.train_step(x, y)
+                    loss, correct = self.train_step(batches)
                 except RuntimeError:
                     # Non-finite weights or outputs make later ops fail (e.g. sampling from
                     # NaN probabilities): that is divergence, a result, not a crash.
@@ -336,7 +361,7 @@ class Trainer:
                 log_steps += 1
                 if correct is not None:
                     log_correct += correct
-                    log_terms += y.numel()
+                    log_terms += sum(b[1].numel() for b in batches)
                 if self.first_loss is None:
                     self.first_loss = self._global_mean(loss.clone()).item()
                 at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
@@ -415,7 +440,7 @@ class Trainer:
         auxiliary backward of a curvature-aware optimizer is overhead on top, not model FLOPs.
         """
         x, _ = next(iter(self.bundle.train.iter_epoch(0, 0)))
-        tokens_per_s = x.numel() * self.step / train_time
+        tokens_per_s = x.numel() * self.accum * self.step / train_time
         out = {"tokens_per_s": tokens_per_s}
         if self.device.type == "cuda" and hasattr(self.state_model, "config"):
             try:

@@ -284,3 +284,28 @@ def test_overflowing_logits_are_divergence_not_a_crash(tmp_path, one_thread):
     summary = run(cfg)
     assert summary["status"] == "diverged"
     assert summary["error"] is None
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lehi", "sophia"])
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, optimizer, one_thread):
+    # Two micro-batches of 32 give the same step as one batch of 64 (same examples, same
+    # order): the loss, and for LEHI/Sophia h = (mean auxiliary gradient)², with the same draws.
+    common = [f"optimizer={optimizer}", "trainer.epochs=2"]
+    if optimizer != "adam":
+        common.append("optimizer.sampler=inverse_cdf")
+    if optimizer == "lehi":
+        # LEHI divides by sqrt(h) + ε, and h can be ~0 where the auxiliary gradient's
+        # random-sign terms cancel: with ε = 1e-8 the last-bit differences of another
+        # summation order are amplified up to 1/ε. A larger ε bounds that amplification.
+        common.append("optimizer.eps=1e-4")
+    full = run(compose_config(digits_overrides(tmp_path / "full", *common)))
+    accumulated = run(
+        compose_config(
+            digits_overrides(
+                tmp_path / "acc", *common, "dataset.batch_size=32", "trainer.grad_accum=2"
+            )
+        )
+    )
+    assert accumulated["steps"] == full["steps"] == 44
+    assert accumulated["curvature_passes"] == full["curvature_passes"]
+    assert accumulated["final"]["val_loss"] == pytest.approx(full["final"]["val_loss"], rel=1e-5)
