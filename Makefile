@@ -48,3 +48,8 @@ sweep: $(STAMP)
 # its figures are redrawn by `make figures`.
 diagnostics: $(STAMP)
 	$(PY) -m lehi.diagnostics.study --out $(RESULTS)/diagnostics $(ARGS)
+
+# Performance figures, measured side by side in one process (not tests).
+bench: $(STAMP)
+	$(PY) benchmarks/optim_bench.py --threads 1
+	$(PY) benchmarks/trainer_overhead.py --threads 1
