@@ -238,10 +238,18 @@ class Trainer:
             with self.autocast:
                 outputs = self.model(x)
             loss = self.rule.loss(outputs.float(), y, self.bundle.ignore_index)
-            extra = {"micro_batch": (i, self.accum)} if self.accum > 1 else {}
-            backward(
-                self.optimizer, loss / self.accum, outputs, y, model=self.model, inputs=x, **extra
-            )
+            if self.accum == 1:
+                backward(self.optimizer, loss, outputs, y, model=self.model, inputs=x)
+            else:
+                backward(
+                    self.optimizer,
+                    loss / self.accum,
+                    outputs,
+                    y,
+                    model=self.model,
+                    inputs=x,
+                    micro_batch=(i, self.accum),
+                )
             total = loss.detach() if total is None else total + loss.detach()
             if self.bundle.metric == "accuracy":
                 hits = (outputs.detach().argmax(-1) == y).sum()
@@ -251,7 +259,7 @@ class Trainer:
         self.optimizer.step()
         if self._lr_changes:
             self.scheduler.step()
-        return total / self.accum, correct
+        return (total if self.accum == 1 else total / self.accum), correct
 
     def metric_from(self, mean_loss: float, correct: float | None, terms: int) -> float:
         """The dataset's metric from a mean loss (and a correct count for accuracy)."""
