@@ -55,22 +55,12 @@ import yaml
 from scipy import stats
 
 from lehi.io import atomic_write_text
+from lehi.logging import METRIC_COLUMNS
 
 log = logging.getLogger(__name__)
 
 RUN_GLOB = "*/*/lr=*/seed=*/summary.json"
 STATUSES = ("completed", "diverged", "failed")
-METRIC_COLUMNS = (
-    "step",
-    "epoch",
-    "split",
-    "loss",
-    "metric",
-    "lr",
-    "wall_time",
-    "train_time",
-    "curvature_passes",
-)
 RUN_KEYS = ("experiment", "scale", "dataset", "optimizer", "lr", "seed")
 EXP_KEYS = ("experiment", "scale", "dataset")
 CELL_KEYS = (*EXP_KEYS, "optimizer", "lr")

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # `plots` is a folder of scripts at the repo root
     sys.path.insert(0, str(REPO))
 
 from lehi.results import Results, collect  # noqa: E402
-from plots import cost, loss_curves, lr_sensitivity, make_figures  # noqa: E402
+from plots import cost, diagnostics, loss_curves, lr_sensitivity, make_figures  # noqa: E402
 from plots.style import PALETTE, label  # noqa: E402
 
 EVAL_STEPS = np.array([10, 20, 30, 40, 50])
@@ -216,7 +216,12 @@ def test_cost(res: Results) -> None:
 
 def test_figure_list() -> None:
     # make_figures runs every producer in one list; another figure is one more entry
-    assert make_figures.FIGURES == [lr_sensitivity.make, loss_curves.make, cost.make]
+    assert make_figures.FIGURES == [
+        lr_sensitivity.make,
+        loss_curves.make,
+        cost.make,
+        diagnostics.make,
+    ]
 
 
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
