@@ -30,8 +30,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The default job (digits, Adam), trained afresh each time into results/scratch/ (not in git),
+# so it never collides with the committed sweep results.
 run: $(STAMP)
-	$(PY) run.py
+	$(PY) run.py paths.results_dir=$(RESULTS)/scratch trainer.force=true $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
