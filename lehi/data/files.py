@@ -14,6 +14,16 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from lehi.io import atomic_write_bytes
+
+__all__ = [
+    "DataUnavailableError",
+    "DownloadError",
+    "atomic_write_bytes",
+    "file_digest",
+    "fetch_url",
+]
+
 DATA_DIR_ENV = "LEHI_DATA_DIR"
 DEFAULT_DATA_DIR = "data"
 _CHUNK = 1 << 20
@@ -52,23 +62,6 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        make_readable(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def missing_dirs(path: Path) -> list[Path]:
