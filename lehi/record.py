@@ -1,0 +1,307 @@
+"""The run record: a run's identity, its folder and every file in it.
+
+This module is the one owner of the results layout. The runner and the trainer write through
+it, ``lehi.results`` reads through it; nothing else knows a file name.
+
+A run folder is ``<results>/<experiment>/<optimizer label>/lr=<lr>/seed=<seed>-<id>`` where
+``<id>`` is a short digest of the run's *identity*: its resolved config minus the keys that
+cannot change its numbers (:data:`NON_IDENTITY`). Two configs that could train differently
+never share a folder, so a skip or a resume only ever continues the very same run.
+
+Files (each written atomically): ``config.yaml`` (the resolved config), ``metrics.csv`` (one
+row per logging window and per evaluation), ``summary.json`` (written once, when the run ends:
+completed, diverged or failed), ``env.json`` (git commit and dirty flag, library versions,
+device), ``run.log`` (the run's log, tracebacks included), and while the run can be resumed
+``checkpoint.pt``. ``.lock`` keeps a second process off a folder that is in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lehi.io import atomic_write_text
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "NON_IDENTITY",
+    "RunBusyError",
+    "RunRecord",
+    "environment",
+    "find_runs",
+    "identity",
+    "identity_hash",
+    "json_safe",
+    "run_dir",
+]
+
+METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "split",
+    "loss",
+    "metric",
+    "lr",
+    "wall_time",
+    "train_time",
+    "curvature_passes",
+)
+
+#: Config keys that say where or how a run is stored, shown or scheduled, not what it
+#: computes. Everything else is the run's identity. The thread count is left out: it is
+#: recorded in env.json, and on CPU it can change float summation order in the last bits
+#: only (reruns agree to far better than the 1 % the reproducibility checks allow).
+#: ``trainer.device`` is where the run happened (env.json), the precision it used is part
+#: of the identity. ``optimizer.label`` is a display name (it is in the folder path).
+NON_IDENTITY = (
+    "paths",
+    "logger",
+    "dataset.data_dir",
+    "optimizer.label",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.resume",
+    "trainer.force",
+    "trainer.progress",
+    "trainer.checkpoint",
+    "trainer.keep_checkpoint",
+)
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config minus :data:`NON_IDENTITY`: what decides the run's numbers."""
+    kept: dict[str, Any] = json.loads(json.dumps(dict(config), default=str))
+    for dotted in NON_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node: Any = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return kept
+
+
+def identity_hash(config: Mapping[str, Any]) -> str:
+    """Eight hex digits of SHA-256 over the canonical JSON of :func:`identity`."""
+    canonical = json.dumps(identity(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def run_dir(results_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> Path:
+    """``<results>/<experiment>/<label>/lr=<lr>/seed=<seed>-<identity hash>``."""
+    lr = float(config["optimizer"]["lr"])
+    return (
+        Path(results_dir)
+        / str(config["experiment"]["name"])
+        / str(config["optimizer"]["label"])
+        / f"lr={lr:g}"
+        / f"seed={config['seed']}-{identity_hash(config)}"
+    )
+
+
+class RunRecord:
+    """The files of one run folder."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(run_dir)
+        self.config = self.dir / "config.yaml"
+        self.metrics = self.dir / "metrics.csv"
+        self.summary = self.dir / "summary.json"
+        self.env = self.dir / "env.json"
+        self.log = self.dir / "run.log"
+        self.checkpoint = self.dir / "checkpoint.pt"
+        self.lockfile = self.dir / ".lock"
+
+    def __repr__(self) -> str:
+        return f"RunRecord({str(self.dir)!r})"
+
+    # ------------------------------------------------------------------------- reading
+    def read_config(self) -> dict[str, Any] | None:
+        """The resolved config the run was made with, or None when absent or unreadable."""
+        try:
+            config = yaml.safe_load(self.config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return config if isinstance(config, dict) else None
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The summary if the run has ended (completed, diverged or failed), else None."""
+        return _read_json(self.summary)
+
+    def read_env(self) -> dict[str, Any] | None:
+        return _read_json(self.env)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.csv with numbers parsed back; [] when there is no file."""
+        if not self.metrics.exists():
+            return []
+        with self.metrics.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [
+            {k: (row[k] if k == "split" else _parse_number(row[k], k)) for k in METRIC_COLUMNS}
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------------------- writing
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        text = yaml.safe_dump(json_safe(dict(config)), sort_keys=False, allow_unicode=True)
+        atomic_write_text(self.config, text)
+
+    def write_env(self, env: Mapping[str, Any]) -> None:
+        atomic_write_text(self.env, json.dumps(json_safe(dict(env)), indent=2) + "\n")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_text(self.summary, json.dumps(json_safe(dict(summary)), indent=2) + "\n")
+
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
+        atomic_write_text(self.metrics, buffer.getvalue())
+
+    def clear(self) -> None:
+        """Remove a previous attempt's results before a fresh start in the same folder."""
+        for path in (self.metrics, self.summary, self.checkpoint, self.log):
+            path.unlink(missing_ok=True)
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files a killed writer left behind (``.<name>.*.tmp``); call under the lock."""
+        for path in self.dir.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process; RunBusyError if another process holds it.
+
+        An flock dies with its process, so a killed run never leaves the folder locked.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusyError(
+                    f"{self.dir} is in use by another process (the same run started twice?)"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+
+def find_runs(root: str | os.PathLike[str]) -> list[RunRecord]:
+    """Every run folder under ``root`` that holds a summary.json, sorted by path."""
+    return [RunRecord(p.parent) for p in sorted(Path(root).rglob("summary.json"))]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return "" if value is None else value
+
+
+def _parse_number(text: str | None, key: str) -> float | int | None:
+    if text is None or text == "":
+        return None
+    if key in ("step", "curvature_passes"):
+        return int(text)
+    return float(text)
+
+
+# ----------------------------------------------------------------------------- env.json
+#: The code whose changes can change results; provenance checks compare it across commits.
+RESULT_AFFECTING_PATHS = ("lehi", "conf", "experiments", "run.py")
+
+
+def git(*args: str) -> str | None:
+    """``git <args>`` in this checkout; None when git or the repository is unavailable."""
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Where and with what a run ran: git commit and dirty flag, library versions, host.
+
+    ``git_dirty`` is true when a tracked file outside results/ and plots/figures/ (which
+    sweeps themselves write) differs from the commit, or an untracked file sits in the
+    result-affecting code; ``dirty_files`` names them.
+    """
+    import torch
+
+    tracked = git("status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE)
+    untracked = git("status", "--porcelain", "--", *RESULT_AFFECTING_PATHS)
+    status = None if tracked is None or untracked is None else f"{tracked}\n{untracked}"
+    lines = sorted({line[3:] for line in (status or "").splitlines() if line.strip()})
+    dirty_files = lines
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(dirty_files),
+        "dirty_files": dirty_files[:20],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": str(device),
+        "device_name": device_name,
+        "num_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+_NOT_CODE = (":!results", ":!plots/figures")
