@@ -266,7 +266,7 @@ def git(*args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.rstrip() if out.returncode == 0 else None
 
 
 def environment(device: Any) -> dict[str, Any]:
