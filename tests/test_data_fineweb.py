@@ -353,3 +353,61 @@ def test_shared_sample_gpt2_shards(gpt2, tmp_path):
     x, y = next(bundle.train.iter_epoch(0, 0))
     assert x.shape == (16, 128) and int(x.max()) < 50257
     assert bundle.val.steps_per_epoch == -(-((16384 - 1) // 128) // 16)
+
+
+def _prepared(tmp_path: Path) -> Path:
+    files = write_sources(tmp_path / "src", DOCS)
+    out = tmp_path / "data" / "fineweb"
+    prepare(out, files=[files["json"]], tokenizer="bytes", val_tokens=256, shard_size=600)
+    return out
+
+
+def _build(folder: Path) -> data.DataBundle:
+    return data.build(
+        "fineweb", shard_dir=folder, tokenizer="bytes", context=32, batch_size=4, steps_per_epoch=2
+    )
+
+
+def test_missing_shard_of_a_complete_preparation_names_it(tmp_path):
+    out = _prepared(tmp_path)
+    (out / "fineweb_train_000002.bin").unlink()
+    with pytest.raises(data.DataFileError) as err:
+        _build(out)
+    assert str(err.value) == (
+        f"{out / 'fineweb_train_000002.bin'}: token shard listed in "
+        f"{out / fineweb_prepare.MANIFEST} is missing"
+    )
+
+
+def test_shard_with_ids_beyond_the_vocabulary_names_it(tmp_path):
+    out = _prepared(tmp_path)
+    shard = out / "fineweb_train_000001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[1024 + 2 * 50 : 1024 + 2 * 51] = (257).to_bytes(2, "little")
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(data.DataFileError) as err:
+        _build(out)
+    assert str(err.value) == f"{shard}: holds token id 257, outside the vocabulary of 257 tokens"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda text: text[: len(text) // 2], "corrupt manifest, not JSON"),
+        (lambda text: "[]", "corrupt manifest: expected a JSON object"),
+        (lambda text: text.replace('"complete": true', '"complete": "yes"'), "expected a JSON"),
+        (
+            lambda text: text.replace("fineweb_train_000001.bin", "../../etc/passwd"),
+            "corrupt manifest: shard entry 1 must be {'file': 'fineweb_train_000001.bin'",
+        ),
+        (lambda text: text.replace('"tokens": 600', '"tokens": 601', 1), "holds 600 tokens"),
+    ],
+)
+def test_corrupt_manifest_names_it(tmp_path, edit, expected):
+    out = _prepared(tmp_path)
+    manifest = out / fineweb_prepare.MANIFEST
+    manifest.write_text(edit(manifest.read_text()))
+    with pytest.raises(data.DataFileError) as err:
+        _build(out)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(str(out))

@@ -268,3 +268,128 @@ def test_shared_cifar_subset():
     ].tolist() == [3, 8, 8, 0, 6]
     with pytest.raises(ValueError, match="md5"):
         cifar10.load_arrays(SHARED, train_subset=4000, val_subset=1000, verify_checksums=True)
+
+
+class _MakeDir:
+    """A pickle payload: unpickling it creates the folder `path` (os.mkdir runs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+@pytest.mark.parametrize("inside_valid_dict", [False, True])
+def test_cifar_pickle_payload_does_not_run(tmp_path, inside_valid_dict):
+    make_cifar(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch"
+    marker = tmp_path / "payload-ran"
+    payload = _MakeDir(marker)
+    if inside_valid_dict:
+        images = np.zeros((20, 3072), dtype=np.uint8)
+        payload = {"batch_label": payload, "labels": [0] * 20, "data": images}
+    hostile = pickle.dumps(payload, protocol=2)
+    path.write_bytes(hostile)
+    with pytest.raises(data.DataFileError) as err:
+        data.build("cifar10", data_dir=tmp_path, train_subset=60, val_subset=20)
+    message = str(err.value)
+    assert not marker.exists()
+    assert "\n" not in message and message.startswith(f"{path}: not a CIFAR-10 pickle batch")
+    assert "refers to posix.mkdir" in message or "refers to os.mkdir" in message
+    # the payload is live: plain pickle runs it
+    pickle.loads(hostile)
+    assert marker.is_dir()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_read(tmp_path, protocol):
+    images = np.random.default_rng(2).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    path = tmp_path / "data_batch_1"
+    entry = {"batch_label": "x", "labels": [1, 2, 3, 4, 5, 6, 7], "data": images.reshape(7, -1)}
+    path.write_bytes(pickle.dumps(entry, protocol=protocol))
+    x, y = cifar10.read_batch(path)
+    assert np.array_equal(x, images) and y.tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ([1, 2], "holds a list, not a dict"),
+        ({"data": np.zeros((2, 3072), np.uint8)}, "needs 'data' and 'labels' keys"),
+        ({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, "got float32 (2, 3072)"),
+        ({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, "got (2, 1024)"),
+        ({"data": [[0] * 3072] * 2, "labels": [0, 1]}, "got list"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0.0, 1.5]}, "list of integers"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, "1 labels for 2 images"),
+        (
+            {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]},
+            "labels must be 0..9, found 10",
+        ),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [-1, 0]}, "found -1"),
+    ],
+)
+def test_cifar_malformed_batches_name_the_file(tmp_path, entry, expected):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(data.DataFileError) as err:
+        cifar10.read_batch(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_mnist_wrong_image_shape_is_refused(tmp_path):
+    make_mnist(tmp_path)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    images = np.zeros((50, 14, 56), dtype=np.uint8)  # as many bytes as (50, 28, 28)
+    write_idx(raw / "train-images-idx3-ubyte", images, compress=False)
+    with pytest.raises(data.DataFileError) as err:
+        data.build("mnist", data_dir=tmp_path)
+    assert str(err.value) == (
+        f"{raw / 'train-images-idx3-ubyte'}: expected MNIST images of shape (N, 28, 28), "
+        "got (50, 14, 56)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "expected"),
+    [
+        (
+            "train-labels-idx1-ubyte",
+            np.zeros((50, 1), np.uint8),
+            "says 2 dimensions, expected 0x00000801",
+        ),
+        (
+            "train-images-idx3-ubyte",
+            np.zeros((50, 784), np.uint8),
+            "says 2 dimensions, expected 0x00000803",
+        ),
+        ("train-labels-idx1-ubyte", np.zeros(49, np.uint8), "49 labels for the 50 images"),
+        ("train-labels-idx1-ubyte", np.full(50, 10, np.uint8), "labels must be 0..9, found 10"),
+        ("train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), "got (0, 28, 28)"),
+    ],
+)
+def test_mnist_inconsistent_files_name_the_file(tmp_path, name, array, expected):
+    make_mnist(tmp_path)
+    path = tmp_path / "mnist" / "MNIST" / "raw" / name
+    write_idx(path, array, compress=False)
+    with pytest.raises(data.DataFileError) as err:
+        mnist.load_arrays(tmp_path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+
+
+def test_mnist_bad_magic_and_corrupt_gzip_name_the_file(tmp_path):
+    make_mnist(tmp_path)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    plain = raw / "train-images-idx3-ubyte"
+    plain.write_bytes(b"\x00\x00\x0d\x03" + plain.read_bytes()[4:])  # float IDX type code
+    with pytest.raises(data.DataFileError, match="bad magic number, expected 0x00000803"):
+        mnist.load_arrays(tmp_path)
+    make_mnist(tmp_path / "again")
+    gz = tmp_path / "again" / "mnist" / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    blob = bytearray(gz.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    gz.write_bytes(bytes(blob))
+    with pytest.raises(data.DataFileError) as err:
+        mnist.load_arrays(tmp_path / "again")
+    assert str(err.value).startswith(f"{gz}: unreadable IDX file") and "\n" not in str(err.value)

@@ -142,3 +142,52 @@ def test_shared_casp(tmp_path):
     assert bundle.train.num_examples == 41157 and bundle.val.num_examples == 4573
     train_idx = np.sort(np.random.default_rng(0).permutation(45730)[4573:])
     assert bundle.target_std == pytest.approx(rows[train_idx, 0].std())
+
+
+def test_huge_cell_is_refused_not_zeroed(tmp_path):
+    rows = make_rows()
+    rows[17, 4] = 1e308  # finite, but the column's std overflows: F4 would become all zeros
+    write_csv(tmp_path / "casp" / "CASP.csv", rows, HEADERS["plain"])
+    with pytest.raises(data.DataFileError) as err:
+        data.build("protein", data_dir=tmp_path, verify_checksums=False)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'casp' / 'CASP.csv'}: column F4 cannot be standardised")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("1,2,3,4,5,6,7,8,9,nan\n", "F9 of data row 2 is nan; values must be finite"),
+        ("1,2,3,4,5,6,7,8,9,1e999\n", "F9 of data row 2 is inf"),
+        ("1,2,3,4,5,6,7,8,9\n", "not a numeric CASP table"),
+        ("1,2,3,4,5,6,7,8,9,x\n", "not a numeric CASP table"),
+    ],
+)
+def test_bad_cells_name_the_file(tmp_path, body, expected):
+    path = tmp_path / "CASP.csv"
+    path.write_text(HEADERS["plain"] + "\n1,2,3,4,5,6,7,8,9,10\n" + body)
+    with pytest.raises(data.DataFileError) as err:
+        protein.read_rows(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty first line"),
+        (HEADERS["plain"].encode() + b"\n", "expected rows of 10 columns"),
+        (
+            b"1,2,3\n4,5,6\n",
+            "expected rows of 10 columns (RMSD,F1,F2,F3,F4,F5,F6,F7,F8,F9), got (2, 3)",
+        ),
+        (b"\xff\xfe\x00R\x00M", "not UTF-8 text"),
+    ],
+)
+def test_empty_binary_and_narrow_files_name_the_file(tmp_path, content, expected):
+    path = tmp_path / "CASP.csv"
+    path.write_bytes(content)
+    with pytest.raises(data.DataFileError) as err:
+        protein.read_rows(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)

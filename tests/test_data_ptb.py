@@ -133,3 +133,44 @@ def test_shared_ptb():
     bundle = data.build("ptb", data_dir=SHARED)
     assert bundle.num_outputs == 10000
     assert bundle.train.steps_per_epoch == (929_589 // 20 - 1) // 35
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "holds no words; expected PTB text, one sentence per line"),
+        (b" \n\n  \n", "holds no words"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe",
+            "binary data, not PTB text (invalid UTF-8",
+        ),
+        (b" the cat \x00 sat \n", "binary data, not PTB text (control character 0x00"),
+    ],
+)
+def test_bad_text_file_names_that_file(tmp_path, split, content, expected):
+    write_ptb(tmp_path / "ptb")
+    path = tmp_path / "ptb" / f"ptb.{split}.txt"
+    path.write_bytes(content)
+    with pytest.raises(data.DataFileError) as err:
+        data.build("ptb", data_dir=tmp_path, verify_checksums=False, val_split="valid")
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_stream_too_short_for_a_batch_names_the_file(tmp_path):
+    write_ptb(tmp_path / "ptb", {**TEXT, "valid": [" a cat "]})
+    with pytest.raises(data.DataFileError) as err:
+        data.build("ptb", data_dir=tmp_path, verify_checksums=False, batch_size=2, bptt=5)
+    assert str(err.value) == (
+        f"{tmp_path / 'ptb' / 'ptb.valid.txt'}: 3 tokens are too few for one batch of 2 x 6"
+    )
+
+
+def test_line_endings_read_as_text_mode_does(tmp_path):
+    path = tmp_path / "ptb.train.txt"
+    path.write_bytes(" a b \r\n c \r d\u2028e\x85f \n\n g".encode())
+    with open(path, encoding="utf-8") as f:
+        expected = [w for line in f for w in [*line.split(), "<eos>"]]
+    assert ptb.read_words(path) == expected
+    assert expected.count("<eos>") == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lehi.data import DataFileError
 from lehi.data.bundle import TokenWindows
 from lehi.data.shards import HEADER_BYTES, read_header, read_shard, write_shard
 
@@ -52,7 +53,7 @@ def test_foreign_file_names_the_file(tmp_path):
     )
     with pytest.raises(ValueError, match=r"foreign\.bin: not a token shard \(magic"):
         read_shard(path)
-    with pytest.raises(FileNotFoundError, match="missing.bin"):
+    with pytest.raises(DataFileError, match=r"missing\.bin: token shard not found"):
         read_shard(tmp_path / "missing.bin")
 
 
@@ -65,3 +66,26 @@ def test_vocabulary_checks(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         write_shard(tmp_path / "w.bin", np.arange(10), vocab_size=70000)
     assert not (tmp_path / "w.bin").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_file(tmp_path):
+    # an llm.c-style header records no vocabulary, so only the scan of the ids can catch this
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = [20240520, 1, 6]
+    path = tmp_path / "big.bin"
+    path.write_bytes(header.tobytes() + np.array([1, 2, 50257, 3, 65535, 0], "<u2").tobytes())
+    with pytest.raises(DataFileError) as err:
+        read_shard(path, vocab_size=50257)
+    assert str(err.value) == f"{path}: holds token id 65535, outside the vocabulary of 50257 tokens"
+    with pytest.raises(DataFileError, match="big.bin: holds token id 65535"):
+        TokenWindows([path], context=2, batch_size=1, steps_per_epoch=1, vocab_size=50257)
+    # a shard that records its vocabulary is checked against it when no vocabulary is asked for
+    recorded = write_shard(tmp_path / "r.bin", np.arange(10), vocab_size=257)
+    body = bytearray(recorded.read_bytes())
+    body[HEADER_BYTES : HEADER_BYTES + 2] = (300).to_bytes(2, "little")
+    recorded.write_bytes(bytes(body))
+    with pytest.raises(
+        DataFileError, match="r.bin: holds token id 300, outside the vocabulary of 257"
+    ):
+        read_shard(recorded)
+    assert read_shard(path, vocab_size=65536)[2] == 50257

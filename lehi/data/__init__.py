@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from lehi.data.bundle import Batches, BPTTBatches, DataBundle, TensorBatches, TokenWindows
-from lehi.data.files import DataUnavailableError
+from lehi.data.files import DataFileError, DataUnavailableError
 
 _MODULES = {
     "digits": "lehi.data.digits",
@@ -27,6 +27,7 @@ __all__ = [
     "Batches",
     "BPTTBatches",
     "DataBundle",
+    "DataFileError",
     "DataUnavailableError",
     "TensorBatches",
     "TokenWindows",

@@ -25,6 +25,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 from lehi.data.augment import RandomCropFlip
 from lehi.data.bundle import DataBundle, TensorBatches
 from lehi.data.files import (
+    DataFileError,
     DataUnavailableError,
     file_digest,
     missing_dirs,
@@ -51,34 +53,93 @@ def batch_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return resolve_data_dir(data_dir) / "cifar10" / BATCH_FOLDER
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """The only use of `_codecs.encode` in these pickles: Python 3 protocols 0-2 store bytes so."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# What the CIFAR-10 python format (and the same dict written by Python 3) needs to rebuild:
+# ndarray reconstruction (protocols 0-4), its buffer form (protocol 5), dtypes, and bytes
+# written as latin-1 text. Taken from numpy's own reductions so the names of every numpy
+# version (numpy.core vs numpy._core) resolve to the same functions.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of _ALLOWED_GLOBALS, so no code can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refers to {module}.{name}; only numpy arrays, lists, dicts, numbers and strings "
+                "are allowed"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("uses persistent ids")
+
+
 def read_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pickle batch: images uint8 (N, 3, 32, 32) and labels int64 (N,)."""
+    """Read one pickle batch: images uint8 (N, 3, 32, 32) and labels int64 (N,).
+
+    The file is untrusted: it is unpickled by _BatchUnpickler (no global outside numpy's array
+    reconstruction is resolved, so a hostile pickle cannot run code) and every field is
+    checked; any fault is a DataFileError naming the file.
+    """
     path = Path(path)
+    what = "not a CIFAR-10 pickle batch"
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        raise ValueError(f"{path}: not a CIFAR-10 pickle batch ({one_line(exc)})") from None
+            entry = _BatchUnpickler(f, encoding="bytes").load()
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
+    except (pickle.UnpicklingError, EOFError, MemoryError) as exc:
+        raise DataFileError(path, f"{what}: the pickle {exc or 'is truncated'}") from None
+    except Exception as exc:  # malformed opcodes raise ValueError, TypeError, IndexError, ...
+        raise DataFileError(path, f"{what} ({one_line(exc)})") from None
     if not isinstance(entry, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 pickle batch (not a dict)")
+        raise DataFileError(path, f"{what} (holds a {type(entry).__name__}, not a dict)")
     # the originals are Python-2 pickles (bytes keys here); files written by Python 3 have str keys
     entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
     if "data" not in entry or "labels" not in entry:
-        raise ValueError(f"{path}: not a CIFAR-10 pickle batch (needs 'data' and 'labels' keys)")
-    data = np.asarray(entry["data"])
-    labels = np.asarray(entry["labels"], dtype=np.int64)
-    if (
-        data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != 3072
-        or len(labels) != len(data)
-    ):
-        raise ValueError(
-            f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {data.shape} "
-            f"and {labels.shape}"
+        raise DataFileError(path, f"{what} (needs 'data' and 'labels' keys)")
+    data, labels = entry["data"], entry["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataFileError(path, f"'data' must be a uint8 array (N, 3072), got {got}")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DataFileError(path, f"'data' must be a uint8 array (N, 3072), got {data.shape}")
+    if isinstance(labels, np.ndarray):
+        integral = labels.dtype.kind in "iu" and labels.ndim == 1
+    else:
+        integral = isinstance(labels, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in labels
         )
+    if not integral:
+        raise DataFileError(path, "'labels' must be a list of integers")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        raise DataFileError(path, "labels must be 0..9, found a label beyond int64") from None
+    if len(labels) != len(data):
+        raise DataFileError(path, f"{len(labels)} labels for {len(data)} images")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must be 0..9")
+        bad = labels[(labels < 0) | (labels > 9)][0]
+        raise DataFileError(path, f"labels must be 0..9, found {bad}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -88,9 +149,10 @@ def _verify(path: Path) -> None:
     expected = dict(CIFAR10.train_list + CIFAR10.test_list)[path.name]
     actual = file_digest(path, "md5")
     if actual != expected:
-        raise ValueError(
-            f"{path}: md5 {actual} does not match the complete CIFAR-10 original {expected} "
-            "(a subset copy?); pass verify_checksums=False to use it"
+        raise DataFileError(
+            path,
+            f"md5 {actual} does not match the complete CIFAR-10 original {expected} "
+            "(a subset copy?); pass verify_checksums=False to use it",
         )
 
 

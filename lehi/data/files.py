@@ -17,6 +17,7 @@ from pathlib import Path
 from lehi.io import atomic_write_bytes
 
 __all__ = [
+    "DataFileError",
     "DataUnavailableError",
     "DownloadError",
     "atomic_write_bytes",
@@ -31,6 +32,23 @@ _CHUNK = 1 << 20
 
 class DataUnavailableError(FileNotFoundError):
     """Data is missing locally and could not be obtained (e.g. no network)."""
+
+
+class DataFileError(ValueError):
+    """A data file is not what its format promises: str is the one line "<file>: <problem>".
+
+    For files that are present but malformed, truncated, inconsistent or hostile; a file that
+    is missing and cannot be fetched is a DataUnavailableError instead.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = Path(path)
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.path}: {self.problem}")
+
+    def __reduce__(self) -> tuple[type[DataFileError], tuple[Path, str]]:
+        # the default reduction would call __init__ with the joined message only
+        return (type(self), (self.path, self.problem))
 
 
 class DownloadError(OSError):

@@ -9,26 +9,51 @@ error when they were made with other settings).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lehi.data.bundle import DataBundle, TokenWindows
-from lehi.data.files import DataUnavailableError, resolve_data_dir
-from lehi.data.fineweb_prepare import DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, MANIFEST, prepare
+from lehi.data.files import DataFileError, DataUnavailableError, resolve_data_dir
+from lehi.data.fineweb_prepare import (
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_VAL_TOKENS,
+    MANIFEST,
+    prepare,
+    read_manifest,
+)
 from lehi.data.shards import read_header
 from lehi.data.tokenizer import VOCAB_SIZES
 
 
 def find_shards(shard_dir: Path) -> tuple[list[Path], list[Path]] | None:
-    """(val shards, train shards) of a finished preparation in `shard_dir`, else None."""
+    """(val shards, train shards) of a finished preparation in `shard_dir`, else None.
+
+    A complete manifest is trusted for the list of files only: each must exist and hold the
+    number of tokens the manifest records (DataFileError naming the shard otherwise).
+    """
     manifest = shard_dir / MANIFEST
     if manifest.is_file():
-        info = json.loads(manifest.read_text())
-        if not info.get("complete"):
+        info = read_manifest(manifest)
+        if not info["complete"]:
             return None
-        files = [shard_dir / e["file"] for e in info["shards"]]
+        if len(info["shards"]) < 2:
+            raise DataFileError(
+                manifest,
+                "corrupt manifest: a complete preparation lists a validation shard "
+                "and at least one training shard",
+            )
+        files = []
+        for entry in info["shards"]:
+            path = shard_dir / entry["file"]
+            if not path.is_file():
+                raise DataFileError(path, f"token shard listed in {manifest} is missing")
+            tokens = read_header(path).num_tokens
+            if tokens != entry["tokens"]:
+                raise DataFileError(
+                    path, f"holds {tokens} tokens, {manifest} records {entry['tokens']}"
+                )
+            files.append(path)
         return files[:1], files[1:]
     val = sorted(shard_dir.glob("fineweb_val_*.bin"))
     train = sorted(shard_dir.glob("fineweb_train_*.bin"))
@@ -81,8 +106,9 @@ def build(
     for path in (*val_paths, *train_paths):
         recorded = read_header(path).vocab_size
         if recorded not in (0, vocab):
-            raise ValueError(
-                f"{path}: shard vocabulary {recorded} does not match tokenizer {tokenizer!r} ({vocab})"
+            raise DataFileError(
+                path,
+                f"shard vocabulary {recorded} does not match tokenizer {tokenizer!r} ({vocab})",
             )
     train = TokenWindows(
         train_paths, context, batch_size, steps_per_epoch, random=True, vocab_size=vocab

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lehi.data.files import DataUnavailableError, atomic_write_bytes, one_line
+from lehi.data.files import DataFileError, DataUnavailableError, atomic_write_bytes, one_line
 from lehi.data.shards import is_complete_shard, write_shard
 from lehi.data.tokenizer import get_tokenizer
 
@@ -126,11 +126,46 @@ def _settings(
     }
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at `path`, its structure checked (a DataFileError naming it otherwise)."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable manifest ({one_line(exc)})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise DataFileError(path, f"corrupt manifest, not JSON ({exc})") from None
+    expected = (
+        "expected a JSON object with 'settings' (object), 'complete' (bool) and 'shards' "
+        "(list of {file, tokens, next_doc, next_offset})"
+    )
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("settings"), dict)
+        or not isinstance(manifest.get("complete"), bool)
+        or not isinstance(manifest.get("shards"), list)
+    ):
+        raise DataFileError(path, f"corrupt manifest: {expected}")
+    for index, entry in enumerate(manifest["shards"]):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("file") != shard_name(index)
+            or not isinstance(entry.get("tokens"), int)
+            or isinstance(entry.get("tokens"), bool)
+            or entry["tokens"] < 0
+        ):
+            raise DataFileError(
+                path,
+                f"corrupt manifest: shard entry {index} must be {{'file': {shard_name(index)!r}, "
+                f"'tokens': count, ...}}, got {json.dumps(entry)[:120]}",
+            )
+    return manifest
+
+
 def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     path = out / MANIFEST
     if not path.is_file():
         return {"settings": settings, "shards": [], "complete": False}
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(path)
     old = manifest.get("settings", {})
     for key, value in settings.items():
         if old.get(key) != value:

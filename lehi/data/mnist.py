@@ -10,9 +10,11 @@ verify_checksums=True also checks the files read here against the published md5s
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 
 from lehi.data.bundle import DataBundle, TensorBatches
 from lehi.data.files import (
+    DataFileError,
     DataUnavailableError,
     file_digest,
     missing_dirs,
@@ -49,26 +52,37 @@ def raw_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return resolve_data_dir(data_dir) / "mnist" / "MNIST" / "raw"
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an unsigned-byte IDX file (plain or .gz) into a uint8 array of its shape."""
+def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file (plain or .gz) into a uint8 array of its shape.
+
+    The file is untrusted: its magic number (0x0000 08 <ndim>, with `ndim` dimensions when
+    given), header and size are checked, and any fault is a DataFileError naming the file.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{path}: unreadable IDX file ({one_line(exc)})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataFileError(path, f"unreadable IDX file ({one_line(exc)})") from None
+    magic = f"0x0000080{ndim}" if ndim is not None else "0x000008NN"
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+        raise DataFileError(
+            path, f"not an unsigned-byte IDX file (bad magic number, expected {magic})"
+        )
+    if data[3] == 0 or (ndim is not None and data[3] != ndim):
+        raise DataFileError(
+            path, f"IDX magic number 0x{data[:4].hex()} says {data[3]} dimensions, expected {magic}"
+        )
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise DataFileError(path, "truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3]))
+    expected = math.prod(shape)
     if len(data) - header != expected:
-        raise ValueError(
-            f"{path}: IDX header promises {expected} bytes of shape {shape}, file has {len(data) - header}"
+        raise DataFileError(
+            path,
+            f"IDX header promises {expected} bytes of shape {shape}, file has {len(data) - header}",
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
@@ -97,9 +111,10 @@ def _verify(path: Path) -> None:
     expected = _gz_md5()[path.name] if path.suffix == ".gz" else RAW_MD5[path.name]
     actual = file_digest(path, "md5")
     if actual != expected:
-        raise ValueError(
-            f"{path}: md5 {actual} does not match the MNIST original {expected}; "
-            "delete it to re-download, or pass verify_checksums=False"
+        raise DataFileError(
+            path,
+            f"md5 {actual} does not match the MNIST original {expected}; "
+            "delete it to re-download, or pass verify_checksums=False",
         )
 
 
@@ -142,14 +157,17 @@ def load_arrays(
         if verify_checksums:
             _verify(image_path)
             _verify(label_path)
-        images, labels = read_idx(image_path), read_idx(label_path)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"{image_path}, {label_path}: expected images (N, 28, 28) and labels (N,), "
-                f"got {images.shape} and {labels.shape}"
+        images, labels = read_idx(image_path, ndim=3), read_idx(label_path, ndim=1)
+        if images.shape[1:] != (28, 28) or len(images) == 0:
+            raise DataFileError(
+                image_path, f"expected MNIST images of shape (N, 28, 28), got {images.shape}"
             )
-        if labels.size and labels.max() > 9:
-            raise ValueError(f"{label_path}: labels must be 0..9, found {labels.max()}")
+        if len(labels) != len(images):
+            raise DataFileError(
+                label_path, f"{len(labels)} labels for the {len(images)} images of {image_path}"
+            )
+        if labels.max() > 9:
+            raise DataFileError(label_path, f"labels must be 0..9, found {labels.max()}")
         out[split] = (images, labels)
     return out
 

@@ -19,13 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lehi.data.bundle import DataBundle, TensorBatches
-from lehi.data.files import DataUnavailableError, DownloadError, fetch_url, resolve_data_dir
+from lehi.data.files import (
+    DataFileError,
+    DataUnavailableError,
+    DownloadError,
+    fetch_url,
+    one_line,
+    resolve_data_dir,
+)
 from lehi.data.splits import split_indices, standardize
 
 CASP_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00265/CASP.csv"
@@ -41,8 +49,13 @@ def csv_path(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def _header_lines(path: Path) -> int:
     """0 when the first line is data, 1 when it is a (possibly quoted or commented) header."""
-    with open(path, encoding="utf-8-sig") as f:
-        line = f.readline()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            line = f.readline()
+    except UnicodeDecodeError as exc:
+        raise DataFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        raise DataFileError(path, f"empty first line; expected {','.join(COLUMNS)} or a data row")
     fields = [f.strip().strip("\"'") for f in line.strip().lstrip("#").split(",")]
     try:
         [float(f) for f in fields]
@@ -50,28 +63,44 @@ def _header_lines(path: Path) -> int:
     except ValueError:
         pass
     if tuple(f.upper() for f in fields) != COLUMNS:
-        raise ValueError(f"{path}: header {line.strip()!r} is not {','.join(COLUMNS)}")
+        shown = line.strip()[:80]
+        raise DataFileError(path, f"header {shown!r} is not {','.join(COLUMNS)}")
     return 1
 
 
 def read_rows(path: str | os.PathLike[str]) -> np.ndarray:
-    """Parse CASP.csv into a float64 array (N, 10): RMSD, F1..F9."""
+    """Parse CASP.csv into a float64 array (N, 10): RMSD, F1..F9.
+
+    The file is untrusted: the header, the column count of every row and that every value is
+    finite are checked; any fault is a DataFileError naming the file.
+    """
     path = Path(path)
     try:
-        rows = np.loadtxt(
-            path,
-            delimiter=",",
-            skiprows=_header_lines(path),
-            dtype=np.float64,
-            ndmin=2,
-            encoding="utf-8-sig",
+        with warnings.catch_warnings():
+            # an empty table is refused below; numpy's "input contained no data" adds nothing
+            warnings.simplefilter("ignore", UserWarning)
+            rows = np.loadtxt(
+                path,
+                delimiter=",",
+                skiprows=_header_lines(path),
+                dtype=np.float64,
+                ndmin=2,
+                encoding="utf-8-sig",
+            )
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise DataFileError(path, f"not a numeric CASP table ({exc})") from None
+    if rows.shape[0] == 0 or rows.shape[1] != len(COLUMNS):
+        raise DataFileError(
+            path, f"expected rows of {len(COLUMNS)} columns ({','.join(COLUMNS)}), got {rows.shape}"
         )
-    except ValueError as exc:
-        raise ValueError(
-            f"{path}: not a numeric CASP table ({' '.join(str(exc).split())})"
-        ) from None
-    if rows.shape[1] != len(COLUMNS) or not np.isfinite(rows).all():
-        raise ValueError(f"{path}: expected {len(COLUMNS)} finite columns, got shape {rows.shape}")
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise DataFileError(
+            path, f"{COLUMNS[col]} of data row {row + 1} is {rows[row, col]}; values must be finite"
+        )
     return rows
 
 
@@ -84,10 +113,28 @@ def check_rows(rows: np.ndarray, path: Path) -> None:
     """Raise ValueError unless `rows` are the 45,730 full-precision CASP rows."""
     digest = rows_sha256(rows)
     if rows.shape != (NUM_ROWS, len(COLUMNS)) or digest != ROWS_SHA256:
-        raise ValueError(
-            f"{path}: {rows.shape[0]} rows with checksum {digest} are not the {NUM_ROWS} "
+        raise DataFileError(
+            path,
+            f"{rows.shape[0]} rows with checksum {digest} are not the {NUM_ROWS} "
             f"full-precision CASP rows ({ROWS_SHA256}); delete it to re-download, or pass "
-            "verify_checksums=False"
+            "verify_checksums=False",
+        )
+
+
+def _check_standardized(
+    path: Path, mean: np.ndarray, std: np.ndarray, parts: tuple[np.ndarray, ...]
+) -> None:
+    """Refuse columns whose standardisation overflows (e.g. one cell of 1e308 makes the std
+    infinite, which would silently turn the whole feature into zeros)."""
+    finite = np.isfinite(mean) & np.isfinite(std)
+    for part in parts:
+        finite &= np.isfinite(part).all(axis=0)
+    if not finite.all():
+        col = int(np.argmin(finite))
+        raise DataFileError(
+            path,
+            f"column {COLUMNS[col]} cannot be standardised in float64 (training mean {mean[col]:g}, "
+            f"std {std[col]:g}); its values are too large",
         )
 
 
@@ -127,8 +174,11 @@ def build(
     """Protein regression: 9 standardised features -> standardised RMSD (N, 1)."""
     rows = load_rows(data_dir, verify_checksums=verify_checksums)
     train_idx, val_idx = split_indices(len(rows), val_fraction, seed)
-    (tx, vx), _, _ = standardize(rows[train_idx, 1:], rows[val_idx, 1:])
-    (ty, vy), _, y_std = standardize(rows[train_idx, :1], rows[val_idx, :1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        (train_rows, val_rows), mean, std = standardize(rows[train_idx], rows[val_idx])
+    _check_standardized(csv_path(data_dir), mean, std, (train_rows, val_rows))
+    # column 0 is the target (RMSD), columns 1..9 the features
+    tx, ty, vx, vy = train_rows[:, 1:], train_rows[:, :1], val_rows[:, 1:], val_rows[:, :1]
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32))
@@ -137,4 +187,4 @@ def build(
     val = TensorBatches(
         tensor(vx), tensor(vy), eval_batch_size or batch_size, shuffle=False, drop_last=False
     )
-    return DataBundle("protein", "mse", "rmse", (9,), 1, train, val, target_std=float(y_std[0]))
+    return DataBundle("protein", "mse", "rmse", (9,), 1, train, val, target_std=float(std[0]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import torch
 
 from lehi.data.bundle import BPTTBatches, DataBundle
 from lehi.data.files import (
+    DataFileError,
     DataUnavailableError,
     DownloadError,
     fetch_url,
     file_digest,
+    one_line,
     resolve_data_dir,
 )
 
@@ -36,6 +39,8 @@ MD5 = {
     "test": "8b80168b89c18661a38ef683c0dc3721",
 }
 EOS, UNK = "<eos>", "<unk>"
+# C0 controls and DEL except the whitespace str.split() separates words on
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 
 
 def ptb_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -47,9 +52,10 @@ def _check_md5(path: Path, split: str, shown: Path | None = None) -> None:
     actual = file_digest(path, "md5")
     if actual != MD5[split]:
         where = shown or path
-        raise ValueError(
-            f"{where}: md5 {actual} does not match the PTB original {MD5[split]}; "
-            "delete it to re-download, or pass verify_checksums=False"
+        raise DataFileError(
+            where,
+            f"md5 {actual} does not match the PTB original {MD5[split]}; "
+            "delete it to re-download, or pass verify_checksums=False",
         )
 
 
@@ -82,12 +88,38 @@ def ensure_files(
 
 
 def read_words(path: str | os.PathLike[str]) -> list[str]:
-    """The words of a PTB file with "<eos>" after every line."""
+    """The words of a PTB file with "<eos>" after every line.
+
+    The file is untrusted: it must be UTF-8 text without control characters (other than
+    whitespace) and hold at least one word; any fault is a DataFileError naming the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(
+            path, f"binary data, not PTB text (invalid UTF-8 at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise DataFileError(
+            path,
+            f"binary data, not PTB text (control character {ord(control.group()):#04x} "
+            f"at character {control.start()})",
+        )
+    # universal newlines, as text-mode iteration reads them (str.splitlines would also split
+    # on \x85 and \u2028, which PTB readers do not)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
     words: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            words.extend(line.split())
-            words.append(EOS)
+    for line in lines:
+        words.extend(line.split())
+        words.append(EOS)
+    if len(words) == len(lines):
+        raise DataFileError(path, "holds no words; expected PTB text, one sentence per line")
     return words
 
 
@@ -106,8 +138,8 @@ def encode(words: list[str], vocab: dict[str, int], source: Path) -> torch.Tenso
     )
     if unk < 0 and (ids < 0).any():
         missing = words[int(np.argmax(ids < 0))]
-        raise ValueError(
-            f"{source}: word {missing!r} is not in the training vocabulary, which has no {UNK}"
+        raise DataFileError(
+            source, f"word {missing!r} is not in the training vocabulary, which has no {UNK}"
         )
     return torch.from_numpy(ids)
 
@@ -134,6 +166,14 @@ def build(
     if val_split not in ("valid", "test"):
         raise ValueError(f"val_split must be 'valid' or 'test', got {val_split!r}")
     vocab, ids = load_corpus(data_dir, verify_checksums=verify_checksums)
+    eval_batch_size = eval_batch_size or batch_size
+    for split, rows in (("train", batch_size), (val_split, eval_batch_size)):
+        valid = all(isinstance(v, int) and v > 0 for v in (rows, bptt))  # else BPTTBatches says
+        if valid and (len(ids[split]) // rows - 1) // bptt < 1:
+            raise DataFileError(
+                ptb_dir(data_dir) / f"ptb.{split}.txt",
+                f"{len(ids[split])} tokens are too few for one batch of {rows} x {bptt + 1}",
+            )
     train = BPTTBatches(ids["train"], batch_size, bptt)
-    val = BPTTBatches(ids[val_split], eval_batch_size or batch_size, bptt)
+    val = BPTTBatches(ids[val_split], eval_batch_size, bptt)
     return DataBundle("ptb", "cross_entropy", "perplexity", (), len(vocab), train, val)
