@@ -182,7 +182,8 @@ def test_bad_cells_name_the_file(tmp_path, body, expected):
             b"1,2,3\n4,5,6\n",
             "expected rows of 10 columns (RMSD,F1,F2,F3,F4,F5,F6,F7,F8,F9), got (2, 3)",
         ),
-        (b"\xff\xfe\x00R\x00M", "not UTF-8 text"),
+        (b"\xff\xfe\x00R\x00M", "not a CSV text table (byte 0xff at offset 0)"),
+        (b"1,2,3,4,5,6,7,8,9,\x0b1\n", "not a CSV text table (byte 0x0b at offset 18)"),
     ],
 )
 def test_empty_binary_and_narrow_files_name_the_file(tmp_path, content, expected):

@@ -62,7 +62,7 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
 
 # What the CIFAR-10 python format (and the same dict written by Python 3) needs to rebuild:
 # ndarray reconstruction (protocols 0-4), its buffer form (protocol 5), dtypes, and bytes
-# written as latin-1 text. Taken from numpy's own reductions so the names of every numpy
+# written as latin-1 text or as bytes(). Taken from numpy's own reductions so the names of every numpy
 # version (numpy.core vs numpy._core) resolve to the same functions.
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
@@ -74,6 +74,9 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
+    # protocols 0-2 write an empty bytes object (the buffer of an empty array) as bytes()
+    ("__builtin__", "bytes"): bytes,
+    ("builtins", "bytes"): bytes,
 }
 
 

@@ -18,7 +18,9 @@ with the training mean and population std; target_std converts RMSE back to Angs
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -40,6 +42,8 @@ CASP_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00265/CASP
 COLUMNS = ("RMSD", "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9")
 NUM_ROWS = 45_730
 ROWS_SHA256 = "7ef1fe7545cf0e288fd88fd1c6a14a2ef5886f8470baca797fff3d2373f6189d"
+# anything but printable ASCII, tab and line breaks: binary data or a corrupted byte
+_NOT_TEXT = re.compile(rb"[^\x20-\x7e\t\r\n]")
 
 
 def csv_path(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -47,23 +51,18 @@ def csv_path(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return resolve_data_dir(data_dir) / "casp" / "CASP.csv"
 
 
-def _header_lines(path: Path) -> int:
+def _header_lines(path: Path, first_line: str) -> int:
     """0 when the first line is data, 1 when it is a (possibly quoted or commented) header."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            line = f.readline()
-    except UnicodeDecodeError as exc:
-        raise DataFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not line.strip():
+    if not first_line.strip():
         raise DataFileError(path, f"empty first line; expected {','.join(COLUMNS)} or a data row")
-    fields = [f.strip().strip("\"'") for f in line.strip().lstrip("#").split(",")]
+    fields = [f.strip().strip("\"'") for f in first_line.strip().lstrip("#").split(",")]
     try:
         [float(f) for f in fields]
         return 0
     except ValueError:
         pass
     if tuple(f.upper() for f in fields) != COLUMNS:
-        shown = line.strip()[:80]
+        shown = first_line.strip()[:80]
         raise DataFileError(path, f"header {shown!r} is not {','.join(COLUMNS)}")
     return 1
 
@@ -71,25 +70,37 @@ def _header_lines(path: Path) -> int:
 def read_rows(path: str | os.PathLike[str]) -> np.ndarray:
     """Parse CASP.csv into a float64 array (N, 10): RMSD, F1..F9.
 
-    The file is untrusted: the header, the column count of every row and that every value is
-    finite are checked; any fault is a DataFileError naming the file.
+    The file is untrusted: it must be printable ASCII text (after an optional UTF-8 BOM),
+    with the expected header if any, ten numbers on every non-blank row and every value
+    finite; any fault is a DataFileError naming the file.
     """
     path = Path(path)
+    try:
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
+    stray = _NOT_TEXT.search(raw)
+    if stray is not None:
+        raise DataFileError(
+            path,
+            f"not a CSV text table (byte {stray.group()[0]:#04x} at offset {stray.start()})",
+        )
+    text = io.StringIO(raw.decode("ascii"), newline=None)
+    first_line = text.readline()
+    text.seek(0)
     try:
         with warnings.catch_warnings():
             # an empty table is refused below; numpy's "input contained no data" adds nothing
             warnings.simplefilter("ignore", UserWarning)
             rows = np.loadtxt(
-                path,
+                text,
                 delimiter=",",
-                skiprows=_header_lines(path),
+                comments=None,  # a "#" inside the table is corruption, not a comment
+                skiprows=_header_lines(path, first_line),
                 dtype=np.float64,
                 ndmin=2,
-                encoding="utf-8-sig",
             )
-    except OSError as exc:
-        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
-    except ValueError as exc:  # includes UnicodeDecodeError
+    except ValueError as exc:
         raise DataFileError(path, f"not a numeric CASP table ({exc})") from None
     if rows.shape[0] == 0 or rows.shape[1] != len(COLUMNS):
         raise DataFileError(
