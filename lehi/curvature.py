@@ -15,14 +15,20 @@ loss itself (as the trainer computes it), the draw of v and the count N of loss 
 
 Cross-entropy draws a label per loss term from softmax(z) with one of two samplers (SAMPLERS),
 the same distribution by two algorithms:
-    "multinomial"   torch.multinomial (the default): the draws torch's own call makes from the
-                    same generator state, as the official SophiaG code samples. It draws one
-                    exponential variate per class per term, sequentially on CPU: for a
-                    language model's vocabulary this costs more than the backward pass.
-    "inverse_cdf"   one uniform variate per term, located in the row's cumulative sum
-                    (searchsorted). Exactly Categorical(softmax(z)) up to float32 rounding of
-                    the cumulative sum; a different random stream; an order of magnitude
-                    cheaper for large vocabularies.
+    "inverse_cdf"   (the default) one uniform variate per term, located in the row's
+                    cumulative sum (searchsorted), a block of rows at a time so that no second
+                    vocabulary-sized buffer exists. Exactly Categorical(softmax(z)) up to
+                    float32 rounding of the cumulative sum; an order of magnitude cheaper than
+                    multinomial for large vocabularies, and the only sampler whose draws a
+                    data-parallel run can slice by rank (see shard_of).
+    "multinomial"   torch.multinomial: the draws torch's own call makes from the same
+                    generator state, as the official SophiaG code samples; kept to reproduce
+                    that code's random stream draw for draw. It draws one exponential variate
+                    per class per term, sequentially on CPU: for a language model's
+                    vocabulary this costs more than the backward pass.
+
+The optimizers never build L_aux itself: its gradient with respect to the outputs is v/N
+(:func:`aux_grad_outputs`), which they hand to autograd as the outputs' gradient.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "LOSS_RULES",
     "SAMPLERS",
     "LossRule",
+    "aux_grad_outputs",
     "aux_loss",
     "aux_vector",
     "get_loss_rule",
@@ -53,11 +60,14 @@ class LossRule:
 
     loss: Callable[[Tensor, Tensor, int], Tensor]
     num_terms: Callable[[Tensor, Tensor, int], int]
-    #: draw_v(outputs, targets, generator, ignore_index, sampler, shard) → v
-    draw_v: Callable[[Tensor, Tensor, torch.Generator, int, str, tuple[int, int]], Tensor]
+    #: draw_v(outputs, targets, generator, ignore_index, sampler, shard, scale) → scale·v
+    draw_v: Callable[[Tensor, Tensor, torch.Generator, int, str, tuple[int, int], float], Tensor]
 
 
 SAMPLERS = ("multinomial", "inverse_cdf")
+#: Elements of one block of cumulative sums in the inverse-CDF sampler (1 MiB of float32):
+#: small enough to stay in cache, large enough that the Python loop over blocks costs nothing.
+_CDF_BLOCK = 1 << 18
 
 
 def check_sampler(sampler: str) -> None:
@@ -93,18 +103,26 @@ def sample_categorical(
     if sampler == "multinomial":
         return torch.multinomial(probs, 1, generator=generator)
     check_sampler(sampler)
-    cdf = probs.cumsum(dim=-1)
+    rows, classes = probs.shape
     u = shard_of(
-        (probs.shape[0], 1),
+        (rows, 1),
         shard,
         lambda shape: torch.rand(
             shape, generator=generator, device=probs.device, dtype=probs.dtype
         ),
     )
-    # The first class whose cumulative probability exceeds u·total: classes of probability
-    # 0 are never chosen; the clamp only catches u·total rounding up to the total.
-    sampled = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
-    return sampled.clamp_(max=probs.shape[-1] - 1)
+    sampled = torch.empty((rows, 1), dtype=torch.long, device=probs.device)
+    # Rows are independent, so blocks of rows give the draws of one full cumulative sum
+    # without its vocabulary-sized buffer.
+    block = max(1, _CDF_BLOCK // max(classes, 1))
+    for lo in range(0, rows, block):
+        cdf = probs[lo : lo + block].cumsum(dim=-1)
+        # The first class whose cumulative probability exceeds u·total: classes of
+        # probability 0 are never chosen; the clamp only catches u·total rounding up.
+        torch.searchsorted(
+            cdf, u[lo : lo + block].mul_(cdf[:, -1:]), right=True, out=sampled[lo : lo + block]
+        )
+    return sampled.clamp_(max=classes - 1)
 
 
 def _cross_entropy_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -124,19 +142,21 @@ def _cross_entropy_v(
     ignore_index: int,
     sampler: str,
     shard: tuple[int, int],
+    scale: float,
 ) -> Tensor:
-    """v = softmax(z) − onehot(ĉ), ĉ ~ Categorical(softmax(z)); v = 0 for ignored targets.
+    """scale·v, v = softmax(z) − onehot(ĉ), ĉ ~ Categorical(softmax(z)); 0 for ignored targets.
 
     Cov(onehot(ĉ)) = diag(p) − p pᵀ, the Hessian of softmax cross-entropy in z, so
     E[v vᵀ] = H_z exactly.
     """
     num_classes = outputs.shape[-1]
-    probs = torch.softmax(outputs.detach().float().reshape(-1, num_classes), dim=-1)
-    sampled = sample_categorical(probs, generator, sampler, shard)
-    # In place on the fresh softmax: for a language model's logits every extra buffer of
-    # this size is a large share of the step's peak memory.
-    v = probs.scatter_add_(1, sampled, torch.full_like(sampled, -1.0, dtype=probs.dtype))
-    v.mul_((targets.reshape(-1) != ignore_index).unsqueeze(1))
+    # The softmax buffer becomes v in place: for a language model's logits every extra
+    # buffer of this size is a large share of the step's time and peak memory.
+    v = torch.softmax(outputs.detach().reshape(-1, num_classes), dim=-1, dtype=torch.float32)
+    sampled = sample_categorical(v, generator, sampler, shard)
+    v.scatter_add_(1, sampled, torch.full_like(sampled, -1.0, dtype=v.dtype))
+    # The ignore mask and the scale in one pass over v.
+    v.mul_((targets.reshape(-1, 1) != ignore_index).to(v.dtype).mul_(scale))
     return v.reshape(outputs.shape).to(outputs.dtype)
 
 
@@ -155,8 +175,9 @@ def _mse_v(
     ignore_index: int,
     sampler: str,
     shard: tuple[int, int],
+    scale: float,
 ) -> Tensor:
-    """v = sqrt(c)·ξ, ξ Rademacher, c = 2/q: the Hessian diagonal of PyTorch's MSELoss(mean).
+    """scale·v, v = sqrt(c)·ξ, ξ Rademacher, c = 2/q: the Hessian diagonal of MSELoss(mean).
 
     ``sampler`` concerns categorical draws only and is ignored here.
 
@@ -171,8 +192,8 @@ def _mse_v(
             0, 2, shape, generator=generator, device=outputs.device, dtype=torch.int8
         ),
     )
-    scale = math.sqrt(2.0 / per_example)
-    return (signs.to(outputs.dtype) * 2 - 1) * scale
+    magnitude = math.sqrt(2.0 / per_example) * scale
+    return signs.to(outputs.dtype).mul_(2 * magnitude).sub_(magnitude)
 
 
 LOSS_RULES: dict[str, LossRule] = {
@@ -199,7 +220,7 @@ def aux_vector(
     generator: torch.Generator,
     *,
     ignore_index: int = -100,
-    sampler: str = "multinomial",
+    sampler: str = "inverse_cdf",
     shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """Draw v (detached, shaped like ``outputs``) with E[v] = 0 and E[v vᵀ] = H_z per term.
@@ -210,12 +231,34 @@ def aux_vector(
     """
     check_sampler(sampler)
     rule = get_loss_rule(loss)
-    return rule.draw_v(outputs.detach(), targets, generator, ignore_index, sampler, shard)
+    return rule.draw_v(outputs.detach(), targets, generator, ignore_index, sampler, shard, 1.0)
 
 
 def num_loss_terms(loss: str, outputs: Tensor, targets: Tensor, ignore_index: int = -100) -> int:
     """N: the number of terms the loss averages (tokens for LMs, examples otherwise)."""
     return get_loss_rule(loss).num_terms(outputs, targets, ignore_index)
+
+
+def aux_grad_outputs(
+    loss: str,
+    outputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    *,
+    ignore_index: int = -100,
+    sampler: str = "inverse_cdf",
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[Tensor, int]:
+    """∂L_aux/∂outputs = v/N (detached) and N: the same draws as :func:`aux_loss`.
+
+    ``torch.autograd.grad(outputs, params, grad_outputs=v/N)`` is ∇L_aux without forming
+    L_aux: no dot product over the outputs and no outputs-sized buffer in its backward.
+    """
+    check_sampler(sampler)
+    rule = get_loss_rule(loss)
+    n = max(rule.num_terms(outputs, targets, ignore_index), 1)
+    v = rule.draw_v(outputs.detach(), targets, generator, ignore_index, sampler, shard, 1.0 / n)
+    return v, n
 
 
 def aux_loss(
@@ -225,7 +268,7 @@ def aux_loss(
     generator: torch.Generator,
     *,
     ignore_index: int = -100,
-    sampler: str = "multinomial",
+    sampler: str = "inverse_cdf",
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, int]:
     """The auxiliary loss (1/N) Σ_n v_n · z_n on the training graph, and N.
@@ -249,7 +292,7 @@ def per_example_curvature(
     *,
     params: Sequence[str] | None = None,
     ignore_index: int = -100,
-    sampler: str = "multinomial",
+    sampler: str = "inverse_cdf",
 ) -> dict[str, Tensor]:
     """Exact per-example mode: Σ_n (J_nᵀ v_n)² / N², without cross-sample noise.
 

@@ -3,11 +3,20 @@
 A curvature-aware optimizer (LEHI, LEHIBrid, SophiaG) replaces ``loss.backward()`` in a training
 loop by ``optimizer.backward(loss, outputs, targets)``. On steps that refresh the curvature it
 runs two backward passes through the same graph: the ordinary one and one of the auxiliary
-loss (1/N) Σ_n v_n · z_n (lehi.curvature), whose gradient is folded into the optimizer state
-parameter by parameter as autograd produces it. The model is never run twice. The auxiliary
-pass goes first (graph retained) unless the fold reads the ordinary gradient (LEHIBrid) or a
-distributed trainer averages gradients; the first pass keeps the graph alive, so whichever
-pass comes second is the one that frees it.
+loss (1/N) Σ_n v_n · z_n (lehi.curvature), entered as the outputs' gradient v/N. The model is
+never run twice. The auxiliary pass goes first (graph retained) unless the fold reads the
+ordinary gradient (LEHIBrid, LEHI's max_grad warm-up) or a data-parallel trainer averages
+gradients; the first pass keeps the graph alive, so whichever pass comes second frees it.
+
+A subclass supplies one fold hook, :meth:`CurvatureOptimizer._fold`, which receives auxiliary
+gradients a (h = a⊙a) and adds them to its state. The base calls it one parameter at a time
+as autograd produces each a (so no second set of gradient buffers is ever alive) unless the
+subclass needs every a at once (:meth:`_fold_needs_every_grad`, e.g. to clip their joint
+norm), a data-parallel trainer averages them first, or several draws are averaged.
+
+Parameters without curvature: a parameter that receives an ordinary gradient but no
+auxiliary one (no path from it to the outputs, e.g. a penalty term) is never passed to
+``_fold``; :meth:`_without_curvature` names them so the subclass's step can apply its rule.
 """
 
 from __future__ import annotations
@@ -22,22 +31,29 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lehi.curvature import (
-    aux_loss,
+    aux_grad_outputs,
     check_sampler,
     get_loss_rule,
     num_loss_terms,
     per_example_curvature,
 )
 
-__all__ = ["CurvatureOptimizer", "check_hyperparameters"]
+__all__ = ["COUNTERS", "CurvatureOptimizer", "check_hyperparameters"]
+
+#: Per-parameter state entries that count steps. They stay float32 on the CPU whatever the
+#: parameter dtype (torch.optim casts every other entry to it on load, and a bf16 counter
+#: stalls at 256: 256 + 1 rounds back to 256).
+COUNTERS = ("step", "curvature_step")
 
 
 def check_hyperparameters(
-    *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, hessian_every: int
+    *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, hessian_every: int
 ) -> None:
     """Raise a ValueError naming the first hyper-parameter outside its allowed range."""
-    if not (isinstance(lr, Tensor) or lr > 0.0):
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not (isinstance(lr, Tensor) or (math.isfinite(lr) and lr > 0.0)):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must have exactly two entries (β1, β2), got {list(betas)}")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
@@ -49,32 +65,36 @@ def check_hyperparameters(
         raise ValueError(f"hessian_every must be an integer >= 1, got {hessian_every!r}")
 
 
+def increment(counters: list[Tensor]) -> None:
+    """counters += 1. For CPU counters one wrapped 1.0 for all, as torch.optim.Adam does:
+    ``_foreach_add_(counters, 1)`` would wrap the scalar again for every tensor."""
+    if counters[0].is_cpu:
+        torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(counters, 1)
+
+
+def bias_corrections(beta: float, steps: Sequence[Tensor], enabled: bool = True) -> list[float]:
+    """1 − β^t for each step counter (1.0 everywhere when bias correction is off)."""
+    if not enabled:
+        return [1.0] * len(steps)
+    return [1.0 - beta ** float(s) for s in steps]
+
+
 class CurvatureOptimizer(Optimizer):
     """Base class: the curvature pass, its random generator and its bookkeeping.
 
-    Subclasses implement ``_fold(p, group, h, n)``, which adds one parameter's
-    Hessian-imitation vector h (the squared auxiliary gradient, before any N-scaling) to the
-    state. They may override ``_fold_aux_grad(p, group, a, n)``, which receives the auxiliary
-    gradient a itself (default: ``_fold(p, group, a.square(), n)``), to fold a⊙a without
-    materialising it; set ``_streams_curvature = False`` when the fold needs every
-    parameter's auxiliary gradient at once (e.g. to clip their joint norm); and set
-    ``_fold_reads_gradient = True`` when the fold reads ``p.grad`` (the ordinary gradient).
+    Subclasses implement ``_init_state(p, state)`` (fill a parameter's empty state) and
+    ``_fold(params, groups, aux_grads, n)`` (the module docstring); they may override
+    ``_fold_needs_every_grad()`` and ``_fold_reads_gradient()`` (both False by default).
+    ``hessian_every`` must be the same in every parameter group: one auxiliary pass serves
+    them all.
 
     Attributes:
+        loss_name: the name of the loss whose Hessian is imitated (a lehi.curvature rule).
         curvature_passes: auxiliary backward passes run so far (saved in the state dict).
         num_loss_terms: N of the last curvature pass (the global N after a cross-rank mean).
-        reduce_curvature_grads: set by a distributed trainer to average the auxiliary gradients
-            across ranks exactly like the ordinary gradients (an in-place all-reduce mean).
     """
-
-    #: Fold each parameter's auxiliary gradient as soon as backward produces it, so no second
-    #: full set of gradient buffers is ever alive.
-    _streams_curvature = True
-    #: Whether the fold reads p.grad. When it does not (and no distributed trainer averages
-    #: the gradients), the auxiliary pass runs first and the ordinary backward second: the
-    #: auxiliary pass then never coexists with a full set of ordinary gradients, and the
-    #: ordinary backward frees the graph as it goes, as it would without curvature.
-    _fold_reads_gradient = False
 
     def __init__(
         self,
@@ -86,14 +106,14 @@ class CurvatureOptimizer(Optimizer):
         seed: int | None,
         estimator: str,
         estimators: Sequence[str],
-        sampler: str = "multinomial",
+        sampler: str = "inverse_cdf",
     ) -> None:
         get_loss_rule(loss)
         if estimator not in estimators:
             raise ValueError(f"estimator={estimator!r} is not one of {', '.join(estimators)}")
         check_sampler(sampler)
         super().__init__(params, defaults)
-        self.loss = loss
+        self.loss_name = loss
         self.ignore_index = ignore_index
         self.estimator = estimator
         self.sampler = sampler
@@ -101,15 +121,54 @@ class CurvatureOptimizer(Optimizer):
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.curvature_passes = 0
         self.num_loss_terms: int | None = None
-        self.reduce_curvature_grads: Callable[[list[Tensor]], None] | None = None
+        #: How many independent draws of v the first refresh averages (a warm-up reading).
+        self.first_refresh_draws = 1
+        self._reduce_mean: Callable[[list[Tensor]], None] | None = None
         #: (rank, ranks) of a data-parallel run: v is drawn for the global batch and sliced.
-        self.shard: tuple[int, int] = (0, 1)
+        self._shard: tuple[int, int] = (0, 1)
         # Auxiliary gradients of the micro-batches of the current step (gradient accumulation).
-        self._accumulated: list[Tensor] | None = None
+        self._accumulated: list[Tensor | None] | None = None
         self._accumulated_terms = 0
         self._generator: torch.Generator | None = None
         self._pending_generator_state: tuple[str, Tensor] | None = None
         self._curvature_ready_at: int | None = None
+        # The parameters whose auxiliary gradient was folded by the latest curvature pass.
+        self._refreshed: set[Tensor] = set()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        every = sorted({g["hessian_every"] for g in self.param_groups})
+        if len(every) > 1:
+            self.param_groups.pop()
+            raise ValueError(
+                f"hessian_every must be the same in every parameter group (one curvature pass "
+                f"serves them all), got {every}"
+            )
+
+    # ------------------------------------------------------------------ data-parallel runs
+    def configure_data_parallel(
+        self, reduce_mean: Callable[[list[Tensor]], None], rank: int, world_size: int
+    ) -> None:
+        """Take part in a data-parallel run of ``world_size`` ranks as rank ``rank``.
+
+        ``reduce_mean`` averages a list of tensors in place across ranks (as the trainer
+        averages the ordinary gradients); the auxiliary gradients go through it before they
+        are squared, and N becomes the global number of loss terms. Draws of v: with the
+        inverse-CDF sampler (and for MSE, whose signs need no class probabilities) every rank
+        draws the global batch's v and keeps its slice, exactly the draws of a one-process run
+        with the same global batch; multinomial draws cannot be sliced that way, so each rank
+        draws its own stream from seed·1,000,003 + rank.
+        """
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"rank={rank} and world_size={world_size}: need 0 <= rank < size")
+        if world_size == 1:
+            return
+        self._reduce_mean = reduce_mean
+        if self.sampler == "inverse_cdf" or self.loss_name == "mse":
+            self._shard = (rank, world_size)
+        else:
+            self.seed = self.seed * 1_000_003 + rank
+            self._generator = None
 
     # ----------------------------------------------------------------- schedule and generator
     def steps_taken(self) -> int:
@@ -120,6 +179,11 @@ class CurvatureOptimizer(Optimizer):
                 if state and "step" in state:
                     return int(state["step"])
         return 0
+
+    def refreshes_taken(self) -> int:
+        """Curvature refreshes completed so far (steps 1, 1 + k, … up to the last step)."""
+        every = self.param_groups[0]["hessian_every"]
+        return -(-self.steps_taken() // every)
 
     def wants_curvature(self) -> bool:
         """Whether the coming step refreshes the curvature: steps 1, 1 + k, 1 + 2k, …"""
@@ -139,6 +203,55 @@ class CurvatureOptimizer(Optimizer):
                 self._generator.set_state(pending[1])
                 self._pending_generator_state = None
         return self._generator
+
+    # ---------------------------------------------------------------- subclass interface
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _fold(
+        self, params: list[Tensor], groups: list[dict[str, Any]], aux_grads: list[Tensor], n: int
+    ) -> None:
+        """Fold h = a⊙a of each parameter (no N-scaling yet) into its state."""
+        raise NotImplementedError
+
+    def _fold_needs_every_grad(self) -> bool:
+        """Whether ``_fold`` must see every parameter's a at once (streaming otherwise)."""
+        return False
+
+    def _fold_reads_gradient(self) -> bool:
+        """Whether ``_fold`` reads p.grad, so the ordinary backward must come first."""
+        return False
+
+    def _state_for(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state)
+        return state
+
+    def _collect(
+        self, group: dict[str, Any], keys: Sequence[str]
+    ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
+        """The group's parameters that have a gradient, their gradients and state entries."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        entries: list[list[Tensor]] = [[] for _ in keys]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self._state_for(p)
+            params.append(p)
+            grads.append(p.grad)
+            for column, key in zip(entries, keys):
+                column.append(state[key])
+        return params, grads, entries
+
+    def _without_curvature(self, params: list[Tensor]) -> list[bool]:
+        """For each parameter: whether this step refreshed the curvature but not its own."""
+        if not (self.needs_aux_pass() and self._curvature_ready_at == self.steps_taken()):
+            return [False] * len(params)
+        return [p not in self._refreshed for p in params]
 
     # ------------------------------------------------------------------------ the one call
     def backward(
@@ -164,6 +277,10 @@ class CurvatureOptimizer(Optimizer):
                 and h is their square, folded after the last: the h of the whole step's batch.
         """
         if not self.needs_aux_pass():
+            if self.wants_curvature():
+                # A refresh folded from g⊙g inside step() may scale it by N.
+                n = num_loss_terms(self.loss_name, outputs, targets, self.ignore_index)
+                self.num_loss_terms = max(n, 1)
             loss.backward()
             return
         generator = self.curvature_generator(outputs.device)
@@ -171,22 +288,83 @@ class CurvatureOptimizer(Optimizer):
         if micro_batch[1] > 1:
             self._accumulate(loss, outputs, targets, generator, params, micro_batch)
             return
+        self._refreshed = set()
         if self.estimator == "per_example":
             loss.backward()
             self._per_example_pass(params, model, inputs, outputs, targets, generator)
-        elif self._fold_reads_gradient or self.reduce_curvature_grads is not None:
+        elif self._fold_reads_gradient() or self._reduce_mean is not None:
             # DistributedDataParallel ties its gradient averaging to the first backward after
-            # the forward, so under a distributed trainer the ordinary backward comes first.
+            # the forward, so under a data-parallel trainer the ordinary backward comes first.
             loss.backward(retain_graph=True)
-            aux, n = self._aux_loss(outputs, targets, generator)
-            self._auxiliary_pass(aux, params, n, retain_graph=False)
+            self._auxiliary_pass(outputs, targets, generator, params, retain_graph=False)
         else:
-            aux, n = self._aux_loss(outputs, targets, generator)
-            self._auxiliary_pass(aux, params, n, retain_graph=True)
-            del aux  # the ordinary backward below frees the graph; nothing else may hold it
+            self._auxiliary_pass(outputs, targets, generator, params, retain_graph=True)
             loss.backward()
+        self._finish_refresh()
+
+    def _finish_refresh(self) -> None:
         self.curvature_passes += 1
         self._curvature_ready_at = self.steps_taken()
+
+    def _grad_outputs(
+        self, outputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, int]:
+        return aux_grad_outputs(
+            self.loss_name,
+            outputs,
+            targets,
+            generator,
+            ignore_index=self.ignore_index,
+            sampler=self.sampler,
+            shard=self._shard,
+        )
+
+    def _aux_grads(
+        self, outputs: Tensor, v: Tensor, params: list[Tensor], *, retain_graph: bool
+    ) -> list[Tensor | None]:
+        return list(
+            torch.autograd.grad(
+                outputs, params, grad_outputs=v, allow_unused=True, retain_graph=retain_graph
+            )
+        )
+
+    def _auxiliary_pass(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator,
+        params: list[Tensor],
+        *,
+        retain_graph: bool,
+    ) -> None:
+        draws = self.first_refresh_draws if self.curvature_passes == 0 else 1
+        if draws == 1 and self._reduce_mean is None and not self._fold_needs_every_grad():
+            v, n = self._grad_outputs(outputs, targets, generator)
+            self.num_loss_terms = n
+            group_of = self._group_of()
+            hooks = [p.register_hook(partial(self._fold_hook, p, group_of[p], n)) for p in params]
+            try:
+                self._aux_grads(outputs, v, params, retain_graph=retain_graph)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return
+        # Several draws: h is the mean of the draws' a⊙a, handed to the fold as its root.
+        total: list[Tensor | None] | None = None
+        for draw in range(draws):
+            v, n = self._grad_outputs(outputs, targets, generator)
+            last = draw == draws - 1
+            grads = self._aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
+            del v
+            n = self._reduced(grads, n)
+            if draws == 1:
+                self._fold_set(params, grads, n)
+                return
+            squares = [None if a is None else a.square_() for a in grads]
+            total = squares if total is None else [_add(t, s) for t, s in zip(total, squares)]
+        assert total is not None
+        roots = [None if t is None else t.div_(draws).sqrt_() for t in total]
+        self._fold_set(params, roots, n)
 
     def _accumulate(
         self,
@@ -202,79 +380,51 @@ class CurvatureOptimizer(Optimizer):
             raise ValueError("estimator='per_example' does not support gradient accumulation")
         i, k = micro_batch
         loss.backward(retain_graph=True)
-        aux, n = self._aux_loss(outputs, targets, generator)
-        grads = torch.autograd.grad(aux / k, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        v, n = self._grad_outputs(outputs, targets, generator)
+        grads = self._aux_grads(outputs, v.div_(k), params, retain_graph=False)
         if i == 0 or self._accumulated is None:
             self._accumulated, self._accumulated_terms = grads, n
         else:
-            torch._foreach_add_(self._accumulated, grads)
+            self._accumulated = [_add(t, a) for t, a in zip(self._accumulated, grads)]
             self._accumulated_terms += n
         if i < k - 1:
             return
         grads, n = self._accumulated, self._accumulated_terms
         self._accumulated, self._accumulated_terms = None, 0
-        self._fold_materialised(params, grads, n)
-        self.curvature_passes += 1
-        self._curvature_ready_at = self.steps_taken()
+        self._refreshed = set()
+        self._fold_set(params, grads, self._reduced(grads, n))
+        self._finish_refresh()
 
-    def _aux_loss(
-        self, outputs: Tensor, targets: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, int]:
-        return aux_loss(
-            self.loss,
-            outputs,
-            targets,
-            generator,
-            ignore_index=self.ignore_index,
-            sampler=self.sampler,
-            shard=self.shard,
-        )
+    def _reduced(self, grads: list[Tensor | None], n: int) -> int:
+        """Average the auxiliary gradients across ranks (in place); the global N."""
+        if self._reduce_mean is None:
+            return n
+        # Which parameters have no path to the outputs depends on the model alone, so every
+        # rank reduces the same list.
+        self._reduce_mean([a for a in grads if a is not None])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = torch.tensor([n], dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            return int(total.item())
+        return n
 
-    def _auxiliary_pass(
-        self, aux: Tensor, params: list[Tensor], n: int, *, retain_graph: bool
-    ) -> None:
-        group_of = self._group_of()
-        if self._streams_curvature and self.reduce_curvature_grads is None:
-            self.num_loss_terms = n
-            handles = [p.register_hook(partial(self._fold_hook, p, group_of[p], n)) for p in params]
-            try:
-                torch.autograd.grad(aux, params, allow_unused=True, retain_graph=retain_graph)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            return
-        grads = list(torch.autograd.grad(aux, params, allow_unused=True, retain_graph=retain_graph))
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        self._fold_materialised(params, grads, n)
-
-    def _fold_materialised(self, params: list[Tensor], grads: list[Tensor], n: int) -> None:
-        """Fold a full set of auxiliary gradients: averaged across ranks, prepared, squared."""
-        if self.reduce_curvature_grads is not None:
-            self.reduce_curvature_grads(grads)
-            n = self._global_loss_terms(n)
+    def _fold_set(self, params: list[Tensor], grads: list[Tensor | None], n: int) -> None:
+        """Fold a full set of auxiliary gradients (parameters without one are skipped)."""
         self.num_loss_terms = n
-        self._prepare_aux_grads(grads)
+        kept = [(p, a) for p, a in zip(params, grads) if a is not None]
         group_of = self._group_of()
         with torch.no_grad():
-            self._fold_aux_grads(params, grads, [group_of[p] for p in params], n)
+            self._fold(
+                [p for p, _ in kept], [group_of[p] for p, _ in kept], [a for _, a in kept], n
+            )
+        self._refreshed.update(p for p, _ in kept)
 
     def _fold_hook(self, p: Tensor, group: dict[str, Any], n: int, aux_grad: Tensor) -> Tensor:
         with torch.no_grad():
-            self._fold_aux_grad(p, group, aux_grad, n)
+            self._fold([p], [group], [aux_grad], n)
+        self._refreshed.add(p)
         # A zero-strided zero keeps autograd.grad from holding a second set of gradients.
         return aux_grad.new_zeros(()).expand_as(aux_grad)
-
-    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
-        """Fold one parameter's auxiliary gradient a, i.e. h = a⊙a (no N-scaling yet)."""
-        self._fold(p, group, a.square(), n)
-
-    def _fold_aux_grads(
-        self, params: list[Tensor], grads: list[Tensor], groups: list[dict[str, Any]], n: int
-    ) -> None:
-        """Fold a full set of auxiliary gradients (the non-streaming path)."""
-        for p, a, group in zip(params, grads, groups):
-            self._fold_aux_grad(p, group, a, n)
 
     def _per_example_pass(
         self,
@@ -291,31 +441,16 @@ class CurvatureOptimizer(Optimizer):
             model,
             inputs,
             targets,
-            self.loss,
+            self.loss_name,
             generator,
             ignore_index=self.ignore_index,
             sampler=self.sampler,
         )
-        n = max(num_loss_terms(self.loss, outputs, targets, self.ignore_index), 1)
-        self.num_loss_terms = n
+        n = max(num_loss_terms(self.loss_name, outputs, targets, self.ignore_index), 1)
         name_of = {p: name for name, p in model.named_parameters()}
-        group_of = self._group_of()
-        with torch.no_grad():
-            for p in params:
-                if p in name_of:
-                    # h is already Σ_n (J_nᵀ v_n)² / N²; _fold squares nothing more.
-                    self._fold(p, group_of[p], h[name_of[p]], n)
-
-    def _global_loss_terms(self, n: int) -> int:
-        """N summed over ranks when the auxiliary gradients are averaged across them."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            total = torch.tensor([n], dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            return int(total.item())
-        return n
-
-    def _prepare_aux_grads(self, grads: list[Tensor]) -> None:
-        """Hook for subclasses that transform the full set of auxiliary gradients."""
+        # h = Σ_n (J_nᵀ v_n)² / N² enters the fold as its root, whose square is h.
+        roots = [h[name_of[p]].sqrt() if p in name_of else None for p in params]
+        self._fold_set(params, roots, n)
 
     def _group_of(self) -> dict[Tensor, dict[str, Any]]:
         return {p: g for g in self.param_groups for p in g["params"]}
@@ -346,7 +481,17 @@ class CurvatureOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", None)
+        counters = {
+            index: {key: float(value) for key, value in entry.items() if key in COUNTERS}
+            for index, entry in state_dict["state"].items()
+        }
         super().load_state_dict(state_dict)
+        # torch.optim casts every state entry but "step" to the parameter's dtype on load.
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(saved, params):
+            for key, value in counters.get(index, {}).items():
+                self.state[p][key] = torch.tensor(value, dtype=torch.float32)
         if curvature is None:
             return
         self.seed = int(curvature["seed"])
@@ -359,12 +504,8 @@ class CurvatureOptimizer(Optimizer):
         )
 
 
-def bias_corrections(beta: float, steps: Sequence[Tensor], enabled: bool = True) -> list[float]:
-    """1 − β^t for each step counter (1.0 everywhere when bias correction is off)."""
-    if not enabled:
-        return [1.0] * len(steps)
-    return [1.0 - beta ** float(s) for s in steps]
-
-
-def sqrt_all(values: Sequence[float]) -> list[float]:
-    return [math.sqrt(v) for v in values]
+def _add(total: Tensor | None, a: Tensor | None) -> Tensor | None:
+    """total + a where either may be None (a parameter without an auxiliary gradient)."""
+    if total is None:
+        return a
+    return total if a is None else total.add_(a)

@@ -11,12 +11,35 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from lehi.optim.base import CurvatureOptimizer, bias_corrections, check_hyperparameters
+from lehi.optim.base import (
+    CurvatureOptimizer,
+    bias_corrections,
+    check_hyperparameters,
+    increment,
+)
 
 __all__ = ["LEHI", "LEHIBrid"]
 
 ESTIMATORS = ("sampled", "per_example", "squared_gradient")
 HYBRIDS = ("max", "sum", "mix")
+WARMUPS = ("none", "draws", "max_grad", "grad")
+_STATE_KEYS = ("exp_avg", "exp_avg_curvature", "step", "curvature_step")
+
+
+def check_readings(
+    *, curvature_warmup: str, warmup_length: int, h_floor: float, update_clip: float | None
+) -> None:
+    """Raise a ValueError naming the first reading option outside its allowed values."""
+    if curvature_warmup not in WARMUPS:
+        raise ValueError(
+            f"curvature_warmup={curvature_warmup!r} is not one of {', '.join(WARMUPS)}"
+        )
+    if not (isinstance(warmup_length, int) and warmup_length >= 1):
+        raise ValueError(f"warmup_length must be an integer >= 1, got {warmup_length!r}")
+    if not (math.isfinite(h_floor) and h_floor >= 0.0):
+        raise ValueError(f"h_floor must be a finite number >= 0 (0 = off), got {h_floor}")
+    if update_clip is not None and not (math.isfinite(update_clip) and update_clip > 0.0):
+        raise ValueError(f"update_clip must be > 0 or None (off), got {update_clip}")
 
 
 class LEHI(CurvatureOptimizer):
@@ -26,21 +49,41 @@ class LEHI(CurvatureOptimizer):
         \begin{aligned}
         &g_t = \nabla f(w_{t-1}) \text{ on the batch}\\
         &\textbf{if } (t-1) \bmod k = 0:\ r \leftarrow r + 1,\quad
-            v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\, h_t,\quad
-            h_t = s\,(\nabla L_{aux})^2,\
+            v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\, s\, h_t,\quad
+            h_t = (\nabla L_{aux})^2,\
             L_{aux} = \tfrac1N \textstyle\sum_n v_n\!\cdot\! z_n \\
         &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
         &w_t \leftarrow w_{t-1}(1 - \alpha\lambda) \\
-        &w_t \leftarrow w_t - \alpha\, \frac{m_t / (1-\beta_1^t)}
-            {\sqrt{v_t / (1-\beta_2^r)} + \epsilon}
+        &u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^r)} + \epsilon},\qquad
+            w_t \leftarrow w_t - \alpha\, \mathrm{clip}(u_t, -c, c)
         \end{aligned}
 
     with s = 1 (``scale_by_batch=False``: h is on the scale of Adam's g⊙g) or s = N
-    (``scale_by_batch=True``: h estimates the per-example Gauss–Newton diagonal). The only
-    difference from AdamW is the source of v, which makes LEHI vs Adam a clean ablation.
+    (``scale_by_batch=True``: s·h estimates the per-example Gauss–Newton diagonal), and c = ∞
+    unless ``update_clip`` is set. With the default options the only difference from AdamW is
+    the source of v, which makes LEHI vs Adam a clean ablation.
 
     Use it in a plain loop by replacing ``loss.backward()`` with
     ``optimizer.backward(loss, outputs, targets)``.
+
+    The readings of the paper's open choices (all off by default, so the defaults are the
+    literal method; each is tested for its defining property):
+
+    - ``curvature_warmup`` (optimizer-wide), for the first refreshes, where the EMA holds one
+      or two noisy draws: ``"draws"`` — the first refresh's h is the mean of
+      ``warmup_length`` independent draws of v on the first batch (as many extra auxiliary
+      passes, once); ``"max_grad"`` — refreshes 1 … ``warmup_length`` fold max(g⊙g, h);
+      ``"grad"`` — refreshes 1 … ``warmup_length`` fold Adam's g⊙g (no auxiliary pass).
+    - ``h_floor`` f (per group): h ← max(h, f·mean(h)) over each tensor before it enters
+      the EMA, so an exactly-zero draw cannot make a coordinate's denominator ε; 0 = off.
+    - ``update_clip`` c (per group): Sophia's elementwise clip of the update u to [−c, c].
+
+    Wherever g⊙g enters v (warm-up, LEHIBrid, the rule below) it is scaled by s like h.
+
+    Parameters without curvature: on a refresh, a parameter that has an ordinary gradient
+    but no auxiliary one (no path from it to the outputs, e.g. a penalty term) folds
+    s·g⊙g instead, i.e. it is updated by Adam's rule, and its own refresh count r keeps its
+    bias correction well defined (never 1 − β2⁰ = 0).
 
     Args:
         params: parameters or parameter groups.
@@ -49,7 +92,8 @@ class LEHI(CurvatureOptimizer):
         eps: ε ≥ 0, added to sqrt(v̂) (or to v̂ under the square root, see eps_inside_sqrt).
         weight_decay: decoupled weight decay λ (as AdamW); default 0.
         loss: the loss whose Hessian is imitated: ``"cross_entropy"`` or ``"mse"``.
-        hessian_every: refresh the curvature every k steps (steps 1, 1 + k, …); default 1.
+        hessian_every: refresh the curvature every k steps (steps 1, 1 + k, …); default 1;
+            the same in every parameter group.
         estimator: ``"sampled"`` (METHOD.md's v for the loss; default), ``"per_example"``
             (exact per-example mode, Σ_n (J_nᵀ v_n)² / N² via torch.func; small models only,
             needs ``backward(..., model=, inputs=)``), or ``"squared_gradient"`` (h = g⊙g,
@@ -57,10 +101,16 @@ class LEHI(CurvatureOptimizer):
         scale_by_batch: multiply h by N, the number of loss terms; default False.
         eps_inside_sqrt: use sqrt(v̂ + ε), the form of the paper's analysis; default False.
         bias_correction: divide v by 1 − β2^r (r = curvature refreshes); default True.
+        curvature_warmup: ``"none"`` (default), ``"draws"``, ``"max_grad"`` or ``"grad"``.
+        warmup_length: draws averaged (``"draws"``) or refreshes covered (``"max_grad"``,
+            ``"grad"``) by the warm-up; default 10.
+        h_floor: f ≥ 0, the floor on h relative to its tensor's mean; default 0 (off).
+        update_clip: c > 0 or None (default, off).
         ignore_index: targets with this value contribute nothing to h (cross-entropy).
-        sampler: how cross-entropy's labels are drawn: ``"multinomial"`` (torch.multinomial;
-            default) or ``"inverse_cdf"`` (same distribution, one uniform per loss term: far
-            cheaper for large vocabularies); see lehi.curvature.
+        sampler: how cross-entropy's labels are drawn: ``"inverse_cdf"`` (default; one
+            uniform per loss term, cheap for large vocabularies) or ``"multinomial"``
+            (torch.multinomial, the official SophiaG code's random stream); the same
+            distribution, see lehi.curvature.
         seed: seed of the generator the auxiliary draws come from (saved in the state dict);
             by default drawn from torch's global generator.
         foreach: use the multi-tensor path; None chooses like torch.optim (CUDA → foreach).
@@ -85,8 +135,12 @@ class LEHI(CurvatureOptimizer):
         scale_by_batch: bool = False,
         eps_inside_sqrt: bool = False,
         bias_correction: bool = True,
+        curvature_warmup: str = "none",
+        warmup_length: int = 10,
+        h_floor: float = 0.0,
+        update_clip: float | None = None,
         ignore_index: int = -100,
-        sampler: str = "multinomial",
+        sampler: str = "inverse_cdf",
         seed: int | None = None,
         foreach: bool | None = None,
         compile: bool = False,
@@ -94,6 +148,14 @@ class LEHI(CurvatureOptimizer):
         check_hyperparameters(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_every=hessian_every
         )
+        check_readings(
+            curvature_warmup=curvature_warmup,
+            warmup_length=warmup_length,
+            h_floor=h_floor,
+            update_clip=update_clip,
+        )
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -103,11 +165,11 @@ class LEHI(CurvatureOptimizer):
             scale_by_batch=scale_by_batch,
             eps_inside_sqrt=eps_inside_sqrt,
             bias_correction=bias_correction,
+            h_floor=h_floor,
+            update_clip=update_clip,
             foreach=foreach,
             compile=compile,
         )
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
         super().__init__(
             params,
             defaults,
@@ -118,37 +180,79 @@ class LEHI(CurvatureOptimizer):
             estimators=ESTIMATORS,
             sampler=sampler,
         )
+        self.curvature_warmup = curvature_warmup
+        self.warmup_length = warmup_length
+        if curvature_warmup == "draws":
+            self.first_refresh_draws = warmup_length
 
     # ------------------------------------------------------------------------ curvature
-    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["curvature_step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_curvature"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        state["curvature_step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_curvature"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _combine(self, h: Tensor, grad: Tensor | None, group: dict[str, Any]) -> Tensor:
-        """What v accumulates from h (and, for LEHIBrid, from g): here h itself."""
+    def _in_warmup(self, rule: str) -> bool:
+        """Whether the coming refresh is one of the first ``warmup_length`` under ``rule``."""
+        return self.curvature_warmup == rule and self.refreshes_taken() < self.warmup_length
+
+    def needs_aux_pass(self) -> bool:
+        return super().needs_aux_pass() and not self._in_warmup("grad")
+
+    def _fold_reads_gradient(self) -> bool:
+        return self._in_warmup("max_grad")
+
+    def _fold(
+        self, params: list[Tensor], groups: list[dict[str, Any]], aux_grads: list[Tensor], n: int
+    ) -> None:
+        """v ← β2 v + (1 − β2)·s·h; h = a⊙a is never materialised when no reading needs it."""
+        max_grad = self._in_warmup("max_grad")
+        for p, group, a in zip(params, groups, aux_grads):
+            state = self._state_for(p)
+            beta2 = group["betas"][1]
+            weight = (1 - beta2) * (n if group["scale_by_batch"] else 1)
+            h = self._curvature_input(p, group, a, max_grad)
+            exp_avg_curvature = state["exp_avg_curvature"].mul_(beta2)
+            if h is None:
+                exp_avg_curvature.addcmul_(a, a, value=weight)
+            else:
+                exp_avg_curvature.add_(h, alpha=weight)
+            state["curvature_step"] += 1
+
+    def _curvature_input(
+        self, p: Tensor, group: dict[str, Any], a: Tensor, max_grad: bool
+    ) -> Tensor | None:
+        """What v averages (before s), or None when that is a⊙a itself."""
+        floor = group["h_floor"]
+        if not (floor or max_grad):
+            return None
+        h = a.square()
+        if floor:
+            h.clamp_min_(h.mean() * floor)
+        if max_grad and p.grad is not None:
+            torch.maximum(h, p.grad.square(), out=h)
         return h
 
-    def _fold(self, p: Tensor, group: dict[str, Any], h: Tensor, n: int) -> None:
-        state = self._state_for(p)
+    def _fold_gradient_squares(
+        self,
+        group: dict[str, Any],
+        grads: list[Tensor],
+        exp_avg_curvatures: list[Tensor],
+        curvature_steps: list[Tensor],
+    ) -> None:
+        """v ← β2 v + (1 − β2)·s·g⊙g: refreshes without h (warm-up, no curvature)."""
+        scale = 1
         if group["scale_by_batch"]:
-            h = h * n
-        h = self._combine(h, p.grad, group)
+            if self.num_loss_terms is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} with scale_by_batch needs N: call "
+                    "optimizer.backward(loss, outputs, targets) instead of loss.backward()"
+                )
+            scale = self.num_loss_terms
         beta2 = group["betas"][1]
-        state["exp_avg_curvature"].mul_(beta2).add_(h, alpha=1 - beta2)
-        state["curvature_step"] += 1
-
-    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
-        """v ← β2 v + (1 − β2)·s·a⊙a in one pass: h = a⊙a is never materialised."""
-        state = self._state_for(p)
-        beta2 = group["betas"][1]
-        scale = n if group["scale_by_batch"] else 1
-        state["exp_avg_curvature"].mul_(beta2).addcmul_(a, a, value=(1 - beta2) * scale)
-        state["curvature_step"] += 1
+        torch._foreach_mul_(exp_avg_curvatures, beta2)
+        torch._foreach_addcmul_(exp_avg_curvatures, grads, grads, value=(1 - beta2) * scale)
+        increment(curvature_steps)
 
     # ----------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -159,26 +263,27 @@ class LEHI(CurvatureOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_curvature_arrived()
-        fold_squared_gradient = self.estimator == "squared_gradient" and self.wants_curvature()
+        refresh = self.wants_curvature()
+        fold_squared_gradient = self.estimator == "squared_gradient" and refresh
+        gradient_refresh = refresh and not fold_squared_gradient and not self.needs_aux_pass()
 
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_curvatures, steps, curvature_steps = (
-                [] for _ in range(6)
+            params, grads, (exp_avgs, exp_avg_curvatures, steps, curvature_steps) = self._collect(
+                group, _STATE_KEYS
             )
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LEHI does not support sparse gradients")
-                state = self._state_for(p)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_curvatures.append(state["exp_avg_curvature"])
-                steps.append(state["step"])
-                curvature_steps.append(state["curvature_step"])
             if not params:
                 continue
+            missing = [gradient_refresh] * len(params)
+            if not gradient_refresh:
+                missing = self._without_curvature(params)
+            if any(missing):
+                pick = [i for i, m in enumerate(missing) if m]
+                self._fold_gradient_squares(
+                    group,
+                    [grads[i] for i in pick],
+                    [exp_avg_curvatures[i] for i in pick],
+                    [curvature_steps[i] for i in pick],
+                )
             if group.get("compile", False):
                 update = _compiled_lehi_update
             else:
@@ -200,6 +305,7 @@ class LEHI(CurvatureOptimizer):
                 eps=group["eps"],
                 eps_inside_sqrt=group["eps_inside_sqrt"],
                 bias_correction=group["bias_correction"],
+                update_clip=group["update_clip"],
                 fold_squared_gradient=fold_squared_gradient,
             )
         return loss
@@ -220,6 +326,7 @@ def _single_tensor_lehi(
     eps: float,
     eps_inside_sqrt: bool,
     bias_correction: bool,
+    update_clip: float | None,
     fold_squared_gradient: bool,
 ) -> None:
     for i, param in enumerate(params):
@@ -237,7 +344,12 @@ def _single_tensor_lehi(
             denom = (exp_avg_curvature / bc2).add_(eps).sqrt_()
         else:
             denom = (exp_avg_curvature.sqrt() / math.sqrt(bc2)).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-lr / bc1)
+        if update_clip is None:
+            param.addcdiv_(exp_avg, denom, value=-lr / bc1)
+        else:
+            # The same operations as the multi-tensor path, so both round alike.
+            update = denom.mul_(bc1).reciprocal_().mul_(exp_avg)
+            param.add_(update.clamp_(-update_clip, update_clip), alpha=-lr)
 
 
 def _multi_tensor_lehi(
@@ -255,17 +367,18 @@ def _multi_tensor_lehi(
     eps: float,
     eps_inside_sqrt: bool,
     bias_correction: bool,
+    update_clip: float | None,
     fold_squared_gradient: bool,
 ) -> None:
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_curvatures, steps, curvature_steps]
     )
     for (dev_params, dev_grads, dev_m, dev_v, dev_steps, dev_curv_steps), _ in grouped.values():
-        _increment(dev_steps)
+        increment(dev_steps)
         if fold_squared_gradient:
             torch._foreach_mul_(dev_v, beta2)
             torch._foreach_addcmul_(dev_v, dev_grads, dev_grads, 1 - beta2)
-            _increment(dev_curv_steps)
+            increment(dev_curv_steps)
         if weight_decay != 0:
             torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
         torch._foreach_lerp_(dev_m, dev_grads, 1 - beta1)
@@ -279,16 +392,15 @@ def _multi_tensor_lehi(
             denom = torch._foreach_sqrt(dev_v)
             torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
             torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(dev_params, dev_m, denom, [-lr / b for b in bc1])
-
-
-def _increment(counters: list[Tensor]) -> None:
-    """counters += 1. For CPU counters one wrapped 1.0 for all, as torch.optim.Adam does:
-    ``_foreach_add_(counters, 1)`` would wrap the scalar again for every tensor."""
-    if counters[0].is_cpu:
-        torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
-    else:
-        torch._foreach_add_(counters, 1)
+        if update_clip is None:
+            torch._foreach_addcdiv_(dev_params, dev_m, denom, [-lr / b for b in bc1])
+            continue
+        torch._foreach_mul_(denom, bc1)
+        torch._foreach_reciprocal_(denom)
+        torch._foreach_mul_(denom, dev_m)
+        torch._foreach_clamp_min_(denom, -update_clip)
+        torch._foreach_clamp_max_(denom, update_clip)
+        torch._foreach_add_(dev_params, denom, alpha=-lr)
 
 
 def _graph_lehi(
@@ -303,14 +415,16 @@ def _graph_lehi(
     eps: float,
     eps_inside_sqrt: bool,
     decay: bool,
+    update_clip: float | None,
     fold_squared_gradient: bool,
 ) -> None:
     """The single-tensor update in a form torch.compile captures as one graph.
 
     ``scalars[i]`` holds parameter i's step size lr / (1 − β1^t), its v correction (√(1 − β2^r),
-    or 1 − β2^r under eps_inside_sqrt) and its decay factor 1 − lr·λ, computed outside: as
-    data, a new step or learning rate changes no graph, and the per-element loop inductor
-    generates only loads them (powers inside the graph would be re-evaluated per vector).
+    or 1 − β2^r under eps_inside_sqrt), its decay factor 1 − lr·λ, 1 / (1 − β1^t) and lr,
+    computed outside: as data, a new step or learning rate changes no graph, and the
+    per-element loop inductor generates only loads them (powers inside the graph would be
+    re-evaluated per vector).
     """
     for i, (param, grad, exp_avg, exp_avg_curvature) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_curvatures)
@@ -325,7 +439,11 @@ def _graph_lehi(
             denom = (exp_avg_curvature / correction).add_(eps).sqrt_()
         else:
             denom = (exp_avg_curvature.sqrt() / correction).add_(eps)
-        param.sub_(exp_avg / denom * step_size)
+        if update_clip is None:
+            param.sub_(exp_avg / denom * step_size)
+        else:
+            update = (exp_avg / denom * scalars[i, 3]).clamp(-update_clip, update_clip)
+            param.sub_(update * scalars[i, 4])
 
 
 def _compiled_lehi_update(
@@ -343,18 +461,19 @@ def _compiled_lehi_update(
     eps: float,
     eps_inside_sqrt: bool,
     bias_correction: bool,
+    update_clip: float | None,
     fold_squared_gradient: bool,
 ) -> None:
     """The step through :func:`_graph_lehi`: counters and scalars here, tensors there."""
     lr = float(lr)
-    _increment(steps)
+    increment(steps)
     if fold_squared_gradient:
-        _increment(curvature_steps)
+        increment(curvature_steps)
     bc1 = bias_corrections(beta1, steps)
     bc2 = bias_corrections(beta2, curvature_steps, bias_correction)
     corrections = bc2 if eps_inside_sqrt else [math.sqrt(b) for b in bc2]
     scalars = torch.tensor(
-        [[lr / b1, b2, 1 - lr * weight_decay] for b1, b2 in zip(bc1, corrections)],
+        [[lr / b1, b2, 1 - lr * weight_decay, 1 / b1, lr] for b1, b2 in zip(bc1, corrections)],
         dtype=torch.float64,
         device=params[0].device,
     )
@@ -369,6 +488,7 @@ def _compiled_lehi_update(
         eps=eps,
         eps_inside_sqrt=eps_inside_sqrt,
         decay=weight_decay != 0,
+        update_clip=update_clip,
         fold_squared_gradient=fold_squared_gradient,
     )
 
@@ -381,13 +501,18 @@ def _compiled_lehi() -> Callable[..., None]:
 
 
 class LEHIBrid(LEHI):
-    r"""LEHI whose curvature input never falls below Adam's: v accumulates hybrid(g⊙g, h).
+    r"""LEHI whose curvature input never falls below Adam's: v accumulates s·hybrid(g⊙g, h).
 
     ``hybrid="max"`` (default): max(g⊙g, h), so every denominator is at least Adam's and the
     step never exceeds Adam's (the Défossez-style analysis carries over); where curvature
     dominates the gradient noise the step shortens. ``"sum"``: g⊙g + h. ``"mix"``:
     (1 − γ)·g⊙g + γ·h with γ = ``mix_weight``. g is the ordinary gradient of the same batch,
-    before any gradient clipping. Other arguments as :class:`LEHI`.
+    before any gradient clipping.
+
+    ``scale_by_batch=True`` compares like with like: the hybrid of g⊙g and h (both on the
+    batch-gradient scale) is taken first and then multiplied by s = N, i.e. N·h is compared
+    with N·g⊙g; the option then only rescales v by N, as it does for LEHI. h_floor applies to
+    h before the hybrid. Other arguments as :class:`LEHI`.
     """
 
     def __init__(
@@ -412,20 +537,20 @@ class LEHIBrid(LEHI):
             group.setdefault("hybrid", hybrid)
             group.setdefault("mix_weight", mix_weight)
 
-    #: max/sum/mix read g, so the ordinary backward must run before the auxiliary one.
-    _fold_reads_gradient = True
+    def _fold_reads_gradient(self) -> bool:
+        return True
 
-    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
-        """The hybrid needs h itself next to g⊙g: square a, then fold as :meth:`LEHI._fold`."""
-        self._fold(p, group, a.square(), n)
-
-    def _combine(self, h: Tensor, grad: Tensor | None, group: dict[str, Any]) -> Tensor:
-        if grad is None:
-            grad = torch.zeros_like(h)
+    def _curvature_input(
+        self, p: Tensor, group: dict[str, Any], a: Tensor, max_grad: bool
+    ) -> Tensor:
+        h = super()._curvature_input(p, group, a, max_grad)
+        if h is None:
+            h = a.square()
+        grad = p.grad if p.grad is not None else torch.zeros_like(h)
         mode = group["hybrid"]
         if mode == "max":
-            return torch.maximum(h, grad * grad)
+            return torch.maximum(h, grad.square(), out=h)
         if mode == "sum":
-            return torch.addcmul(h, grad, grad)
+            return h.addcmul_(grad, grad)
         gamma = group["mix_weight"]
-        return torch.addcmul(h * gamma, grad, grad, value=1 - gamma)
+        return h.mul_(gamma).addcmul_(grad, grad, value=1 - gamma)

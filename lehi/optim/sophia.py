@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from lehi.optim.base import CurvatureOptimizer, check_hyperparameters
+from lehi.optim.base import CurvatureOptimizer, check_hyperparameters, increment
 
 __all__ = ["SophiaG"]
 
@@ -31,6 +31,8 @@ class SophiaG(CurvatureOptimizer):
     auxiliary gradient of lehi.curvature. N is the number of loss terms of the batch (the
     official ``bs``). No bias correction. As in the official training loop, ĝ is clipped to
     norm ``curvature_grad_clip`` (default 1.0; None disables) before it enters the EMA.
+    A parameter without a path to the outputs keeps h = 0, so its update is lr·sign(m), as
+    in the official code.
 
     One deliberate difference from the official loop, which refreshes h after steps k, 2k, …
     with a separate forward pass: here h is refreshed on steps 1, 1 + k, … from the training
@@ -42,7 +44,8 @@ class SophiaG(CurvatureOptimizer):
         betas: (β1, β2); default (0.965, 0.99).
         rho: ρ; default 0.04.
         weight_decay: decoupled weight decay λ; default 0.1.
-        loss, ignore_index, sampler, seed, foreach: as for :class:`lehi.optim.LEHI`.
+        loss, ignore_index, sampler, seed, foreach: as for :class:`lehi.optim.LEHI`
+            (sampler ``"multinomial"`` reproduces the official code's draws exactly).
         hessian_every: k; default 10.
         curvature_grad_clip: max norm of ĝ over all parameters; default 1.0.
     """
@@ -59,7 +62,7 @@ class SophiaG(CurvatureOptimizer):
         hessian_every: int = 10,
         curvature_grad_clip: float | None = 1.0,
         ignore_index: int = -100,
-        sampler: str = "multinomial",
+        sampler: str = "inverse_cdf",
         seed: int | None = None,
         foreach: bool | None = None,
     ) -> None:
@@ -89,39 +92,29 @@ class SophiaG(CurvatureOptimizer):
             sampler=sampler,
         )
         self.curvature_grad_clip = curvature_grad_clip
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _fold_needs_every_grad(self) -> bool:
         # Clipping needs the joint norm of every auxiliary gradient before any is folded.
-        self._streams_curvature = curvature_grad_clip is None
+        return self.curvature_grad_clip is not None
 
-    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _prepare_aux_grads(self, grads: list[Tensor]) -> None:
-        if self.curvature_grad_clip is None or not grads:
-            return
-        # The same rule as torch.nn.utils.clip_grad_norm_, applied to ĝ.
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        coef = torch.clamp(self.curvature_grad_clip / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-
-    def _fold(self, p: Tensor, group: dict[str, Any], h: Tensor, n: int) -> None:
-        beta2 = group["betas"][1]
-        self._state_for(p)["hessian"].mul_(beta2).add_(h, alpha=1 - beta2)
-
-    def _fold_aux_grad(self, p: Tensor, group: dict[str, Any], a: Tensor, n: int) -> None:
-        beta2 = group["betas"][1]
-        self._state_for(p)["hessian"].mul_(beta2).addcmul_(a, a, value=1 - beta2)
-
-    def _fold_aux_grads(
-        self, params: list[Tensor], grads: list[Tensor], groups: list[dict[str, Any]], n: int
+    def _fold(
+        self, params: list[Tensor], groups: list[dict[str, Any]], aux_grads: list[Tensor], n: int
     ) -> None:
+        if not params:
+            return
+        if self.curvature_grad_clip is not None:
+            # The same rule as torch.nn.utils.clip_grad_norm_, applied to ĝ.
+            norms = torch.stack([torch.linalg.vector_norm(a) for a in aux_grads])
+            coef = torch.clamp(self.curvature_grad_clip / (norms.norm() + 1e-6), max=1.0)
+            torch._foreach_mul_(aux_grads, coef)
         # One multi-tensor update per group instead of a Python loop over parameters.
         for group in self.param_groups:
-            pairs = [(p, a) for p, a, g in zip(params, grads, groups) if g is group]
+            pairs = [(p, a) for p, a, g in zip(params, aux_grads, groups) if g is group]
             if not pairs:
                 continue
             beta2 = group["betas"][1]
@@ -142,18 +135,9 @@ class SophiaG(CurvatureOptimizer):
         if bs is None:
             raise RuntimeError("SophiaG needs N: call optimizer.backward(...) or step(bs=N)")
         for group in self.param_groups:
-            params, grads, exp_avgs, hessians, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients")
-                state = self._state_for(p)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
-                steps.append(state["step"])
+            params, grads, (exp_avgs, hessians, steps) = self._collect(
+                group, ("exp_avg", "hessian", "step")
+            )
             if not params:
                 continue
             foreach = group["foreach"]
@@ -191,7 +175,7 @@ def _single_tensor_sophiag(
     for param, grad, exp_avg, hess, step in zip(params, grads, exp_avgs, hessians, steps):
         step += 1
         param.mul_(1 - lr * weight_decay)
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg.lerp_(grad, 1 - beta1)
         # sign(m)·min(|m| / d, 1) = clamp(m / d, −1, 1) for d > 0, in one buffer.
         update = (rho * bs * hess).add_(1e-15).reciprocal_().mul_(exp_avg).clamp_(-1, 1)
         param.add_(update, alpha=-lr)
@@ -214,10 +198,9 @@ def _multi_tensor_sophiag(
         [params, grads, exp_avgs, hessians, steps]
     )
     for (dev_params, dev_grads, dev_m, dev_h, dev_steps), _ in grouped.values():
-        torch._foreach_add_(dev_steps, 1)
+        increment(dev_steps)
         torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
-        torch._foreach_mul_(dev_m, beta1)
-        torch._foreach_add_(dev_m, dev_grads, alpha=1 - beta1)
+        torch._foreach_lerp_(dev_m, dev_grads, 1 - beta1)
         # As the single-tensor path: clamp(m / d, −1, 1) built in one set of buffers, so the
         # step holds one temporary per parameter (AdamW's step holds one too).
         update = torch._foreach_mul(dev_h, rho * bs)
