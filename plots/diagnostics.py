@@ -5,8 +5,8 @@ writes, per exact diagonal (Gauss–Newton, Hessian), one figure: rows cosine si
 Spearman rank correlation, relative L2 error (log axis) and fraction within a factor 2; columns
 the study's models; x the checkpoint (initialisation, mid-training, end); one line per estimate
 (instantaneous estimates and exact baselines on the Adam trajectory, solid/dotted; the EMA each
-optimizer divides by on its own trajectory, dashed, in the optimizer's colour). Also rewrites
-the study's Markdown tables (``<root>/diagnostics/diagnostics.md``).
+optimizer divides by on its own trajectory, dashed, in the optimizer's colour). It only plots:
+the study's files, its Markdown tables included, are written by ``lehi.diagnostics.study``.
 
     python plots/diagnostics.py --root results --out plots/figures
 """
@@ -25,15 +25,10 @@ if __package__ in (None, ""):  # run as `python plots/diagnostics.py`: repo root
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lehi.diagnostics.report import (
-    ESTIMATE_ORDER,
-    estimate_label,
-    load,
-    select_lines,
-    write_report,
-)
+from lehi import roster
+from lehi.diagnostics.report import ESTIMATE_ORDER, estimate_label, load, select_lines
 from lehi.results import Results
-from plots.style import PALETTE, save
+from plots.style import save
 
 __all__ = ["FOLDER", "figure", "make", "plot_diagnostics"]
 
@@ -61,7 +56,7 @@ CHECKPOINT_TICKS = ((0.0, "init"), (0.5, "mid"), (1.0, "end"))
 def _style(estimate: str) -> dict[str, object]:
     """Colour, line style and marker (and marker size, where not the default) of a line."""
     if estimate.startswith("ema_"):
-        return {"color": PALETTE.get(estimate[4:], "#7F7F7F"), "linestyle": "--", "marker": "s"}
+        return {"color": roster.color(estimate[4:]), "linestyle": "--", "marker": "s"}
     if estimate in OWN_COLORS:
         dotted = estimate in ("gn_other_batch", "gauss_newton")
         return {
@@ -71,9 +66,9 @@ def _style(estimate: str) -> dict[str, object]:
         }
     if estimate == "sophia":
         # The same draw as LEHI's, clipped: equal cosine and ranks, so hollow to show both.
-        return {"color": PALETTE["sophia"], "linestyle": "-", "marker": "D",
+        return {"color": roster.color("sophia"), "linestyle": "-", "marker": "D",
                 "markerfacecolor": "none", "markersize": 7}  # fmt: skip
-    return {"color": PALETTE.get(estimate, "#7F7F7F"), "linestyle": "-", "marker": "o"}
+    return {"color": roster.color(estimate), "linestyle": "-", "marker": "o"}
 
 
 def figure(frame: pd.DataFrame, reference: str, meta: dict) -> Figure:
@@ -129,7 +124,7 @@ def figure(frame: pd.DataFrame, reference: str, meta: dict) -> Figure:
 
 
 def plot_diagnostics(results_root: str | Path, out_dir: str | Path) -> list[Path]:
-    """Figures of ``<results_root>/diagnostics`` into ``out_dir`` plus its Markdown tables.
+    """Figures of ``<results_root>/diagnostics`` into ``out_dir``.
 
     Returns the written paths; an empty list when the study has not been run there.
     """
@@ -144,7 +139,6 @@ def plot_diagnostics(results_root: str | Path, out_dir: str | Path) -> list[Path
             written += save(
                 figure(frame, reference, meta), Path(out_dir), f"diagnostics_{reference}{suffix}"
             )
-    written.append(write_report(folder))
     return written
 
 

@@ -1,11 +1,13 @@
 """Train and validation loss vs step and vs training time at each optimizer's best LR.
 
 One figure per experiment, 2 × 2 panels: rows train / validation loss, columns step /
-training time. Curves are the mean over seeds, shaded ±1 std over seeds, aligned on the
-step (only steps every seed logged; the time axis is the mean train_time of those seeds at
-that step). On the log axis a band that would reach zero is cut at half the mean. Training
-time counts training steps with their curvature passes and excludes
-evaluation. Train rows are running means over the logging interval.
+training time. Curves are the mean over the counted seeds (lehi.results.stats.counts),
+shaded ±1 std over seeds, aligned on the step (only steps every seed logged). On the log axis
+a band that would reach zero is cut at half the mean. Train rows are running means over the
+logging interval. Training time = step × the optimizer's per-step cost measured side by side
+(step_cost.json, benchmarks/step_cost.py); the sweep's own wall times are not used (runs
+shared the cores, so they measure load). Without step_cost.json the time panels say so.
+A legend entry notes seeds that were unstable but recovered.
 
     python plots/loss_curves.py --root results --out plots/figures
 """
@@ -24,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from lehi.results import Results, select_experiment
+from lehi.results.report import no_step_cost
 from plots import common
 from plots.style import (
     color,
@@ -31,7 +34,8 @@ from plots.style import (
     figure_stem,
     label,
     loss_label,
-    optimizer_rank,
+    note,
+    rank,
     save,
 )
 
@@ -41,23 +45,67 @@ SPLITS = (("train", "training loss"), ("val", "validation loss"))
 def seed_curve(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean/std over seeds per step of one optimizer's rows for one split.
 
-    Returns columns step, loss_mean, loss_std (NaN for one seed), train_time (mean), n_seeds;
-    only steps present in every seed, so a curve never mixes different seed sets.
+    Returns columns step, loss_mean, loss_std (NaN for one seed), n_seeds; only steps
+    present in every seed, so a curve never mixes different seed sets.
     """
     loss = rows.pivot_table(index="step", columns="seed", values="loss", aggfunc="last")
-    time = rows.pivot_table(index="step", columns="seed", values="train_time", aggfunc="last")
-    complete = loss.notna().all(axis=1) & time.notna().all(axis=1)
-    loss, time = loss[complete], time[complete]
+    loss = loss[loss.notna().all(axis=1)]
     std = loss.std(axis=1, ddof=1) if loss.shape[1] > 1 else pd.Series(np.nan, index=loss.index)
     return pd.DataFrame(
         {
             "step": loss.index.to_numpy(float),
             "loss_mean": loss.mean(axis=1).to_numpy(float),
             "loss_std": std.to_numpy(float),
-            "train_time": time.mean(axis=1).to_numpy(float),
             "n_seeds": loss.shape[1],
         }
     )
+
+
+def _curve_label(row: dict) -> str:
+    text = f"{label(row['optimizer'], row['optimizer_name'])} (lr={row['lr']:g})"
+    if row["n_unstable"]:
+        text += f", {row['n_unstable']}/{row['n_seeds']} seeds unstable, recovered"
+    return text
+
+
+def _draw(axes, row: dict, mine: pd.DataFrame, drawn: list[bool]) -> None:
+    """One optimizer's curves on every panel; x of the time column = step × step cost."""
+    seconds = row["ms_per_step"] / 1000
+    for i, (split, _) in enumerate(SPLITS):
+        curve = seed_curve(mine[mine["split"] == split])
+        curve = curve[curve["loss_mean"] > 0]  # log axis
+        drawn[i] = drawn[i] or not curve.empty
+        std = np.nan_to_num(curve["loss_std"].to_numpy(float), nan=0.0)
+        mean = curve["loss_mean"].to_numpy(float)
+        lower = np.where(mean - std > 0, mean - std, mean / 2)
+        step = curve["step"].to_numpy(float)
+        for j, x in enumerate((step, step * seconds)):
+            if not np.isfinite(x).all():
+                continue  # no side-by-side cost for this optimizer: no time curve
+            ax = axes[i, j]
+            ax.plot(x, mean, color=color(row["optimizer_name"]), label=_curve_label(row))
+            ax.fill_between(
+                x, lower, mean + std, color=color(row["optimizer_name"]), alpha=0.18, linewidth=0
+            )
+
+
+def _dress(axes, exp: dict[str, str], drawn: list[bool], measured_on: str | None) -> None:
+    time_label = "training time (s): step × step cost measured side by side"
+    if measured_on:
+        time_label += f"\n({measured_on})"
+    for i, (_, name) in enumerate(SPLITS):
+        for j, xlabel in enumerate(("step (optimizer updates)", time_label)):
+            ax = axes[i, j]
+            if not drawn[i]:
+                ax.text(0.5, 0.5, "no curves (no eligible LR or no readable metrics.csv)",
+                        transform=ax.transAxes, ha="center", fontsize="small")  # fmt: skip
+            elif j == 1 and not measured_on:
+                note(ax, no_step_cost(exp["experiment"]))
+            else:
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{name}, {loss_label(exp['metric_name'])}")
+            ax.grid(True, alpha=0.3)
 
 
 def figure(results: Results, exp: dict[str, str]) -> Figure:
@@ -65,55 +113,18 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     best = select_experiment(results.best, exp)
     best = best[np.isfinite(best["lr"].to_numpy(float))]
     runs = select_experiment(results.runs, exp)
+    runs = runs[runs["counted"]]
     metrics = select_experiment(results.metrics, exp)
     fig = Figure(figsize=(10.0, 7.0), layout="constrained")
-    axes = fig.subplots(2, 2, sharey="row")
-    drawn = [False] * len(
-        SPLITS
-    )  # an empty log axis cannot be drawn: rows without curves stay linear
-    for row in sorted(best.to_dict("records"), key=lambda r: optimizer_rank(r["optimizer"])):
-        opt = row["optimizer"]
-        ids = runs.loc[
-            (runs["optimizer"] == opt)
-            & (runs["lr"] == row["lr"])
-            & ~runs["diverged"]
-            & (runs["status"] != "failed"),
-            "run",
-        ]
-        mine = metrics[metrics["run"].isin(ids)]
-        for i, (split, _) in enumerate(SPLITS):
-            curve = seed_curve(mine[mine["split"] == split])
-            curve = curve[curve["loss_mean"] > 0]  # log axis
-            drawn[i] = drawn[i] or not curve.empty
-            std = np.nan_to_num(curve["loss_std"].to_numpy(float), nan=0.0)
-            mean = curve["loss_mean"].to_numpy(float)
-            lower = np.where(mean - std > 0, mean - std, mean / 2)
-            for j, x in enumerate(("step", "train_time")):
-                ax = axes[i, j]
-                ax.plot(curve[x], mean, color=color(opt), label=f"{label(opt)} (lr={row['lr']:g})")
-                ax.fill_between(
-                    curve[x], lower, mean + std, color=color(opt), alpha=0.18, linewidth=0
-                )
-    loss_unit = loss_label(exp["metric_name"])
-    for i, (_, name) in enumerate(SPLITS):
-        for j, xlabel in enumerate(
-            ("step (optimizer updates)", "training time (s, curvature passes incl., eval excl.)")
-        ):
-            ax = axes[i, j]
-            if drawn[i]:
-                ax.set_yscale("log")
-            else:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "no curves (no eligible LR or no readable metrics.csv)",
-                    transform=ax.transAxes,
-                    ha="center",
-                    fontsize="small",
-                )
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{name}, {loss_unit}")
-            ax.grid(True, alpha=0.3)
+    measured_on = results.measured_on(exp["experiment"])
+    # Without a step cost the time panels hold a note: sharing y would strip the step panels.
+    axes = fig.subplots(2, 2, sharey="row" if measured_on else False)
+    drawn = [False] * len(SPLITS)  # an empty log axis cannot be drawn: such rows stay linear
+    rows = best.to_dict("records")
+    for row in sorted(rows, key=lambda r: rank(r["optimizer"], r["optimizer_name"])):
+        mine = runs[(runs["optimizer"] == row["optimizer"]) & (runs["lr"] == row["lr"])]
+        _draw(axes, row, metrics[metrics["run"].isin(mine["run"])], drawn)
+    _dress(axes, exp, drawn, measured_on)
     if drawn[0] or drawn[1]:
         axes[0, 0].legend(
             title="best LR; mean ± std over seeds", fontsize="small", title_fontsize="small"

@@ -1,8 +1,9 @@
-"""One look for every figure: fixed optimizer colours, labels, units, and atomic saving."""
+"""One look for every figure: roster colours and labels, units, hollow markers, atomic saving."""
 
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -10,46 +11,53 @@ import matplotlib
 # Figures are files, never windows: headless machines and CI must not need a display.
 matplotlib.use("Agg")
 
-from matplotlib.figure import Figure  # noqa: E402 - after the backend is chosen
+from matplotlib.axes import Axes  # noqa: E402 - after the backend is chosen
+from matplotlib.figure import Figure  # noqa: E402
 
+from lehi import roster  # noqa: E402
 from lehi.io import atomic_write_bytes  # noqa: E402
-from lehi.results import experiment_heading, optimizer_label, optimizer_rank  # noqa: E402
+from lehi.results import experiment_heading  # noqa: E402
 
-# Okabe-Ito colours (colour-blind safe); the same optimizer has the same colour everywhere.
-PALETTE: dict[str, str] = {
-    "adam": "#0072B2",
-    "adamw": "#56B4E9",
-    "sophia": "#009E73",
-    "lehi": "#D55E00",
-    "lehibrid": "#CC79A7",
-}
-FALLBACK_COLOR = "#7F7F7F"
 FORMATS = ("png", "pdf")
 DPI = 150
+UNSTABLE_LABEL = "hollow: unstable, recovered (train loss once > divergence factor × initial)"
 
 __all__ = [
     "DPI",
-    "FALLBACK_COLOR",
     "FORMATS",
-    "PALETTE",
+    "UNSTABLE_LABEL",
     "color",
     "experiment_heading",
     "figure_stem",
     "label",
     "loss_label",
-    "optimizer_rank",
+    "note",
+    "rank",
     "save",
 ]
 
 
-def color(optimizer: str) -> str:
-    """The optimizer's fixed colour (grey for optimizers outside the palette)."""
-    return PALETTE.get(optimizer, FALLBACK_COLOR)
+def color(name: str) -> str:
+    """The colour of optimizer ``name`` (its roster entry; neutral grey when unknown)."""
+    return roster.color(name)
 
 
-def label(optimizer: str) -> str:
-    """Display name of an optimizer in legends."""
-    return optimizer_label(optimizer)
+def label(optimizer: str, name: str | None = None) -> str:
+    """Display label of a run's optimizer label (``name``: its optimizer.name, if relabelled)."""
+    return roster.display_label(optimizer, name)
+
+
+def rank(optimizer: str, name: str | None = None) -> tuple[int, int, str]:
+    """Legend order: the roster's."""
+    return roster.rank(optimizer, name)
+
+
+def note(ax: Axes, text: str, width: int = 44) -> None:
+    """A panel that shows a wrapped explanation instead of data (ticks removed)."""
+    ax.text(0.5, 0.5, textwrap.fill(text, width), transform=ax.transAxes, ha="center",
+            va="center", fontsize="small")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def loss_label(metric_name: str) -> str:

@@ -18,6 +18,7 @@ import pytest
 from scipy import stats
 
 from lehi import results as R
+from lehi.results import stepcost
 
 EVAL_STEPS = (10, 20, 30, 40, 50)
 OFFSETS = (0.3, 0.15, 0.05, 0.0, -0.05)  # last 3 average to 0, so the final loss is the base
@@ -151,6 +152,26 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
+def write_step_cost(root: Path, ms: dict[str, list[float]]) -> Path:
+    """A step_cost.json as benchmarks/step_cost.py writes it, with given per-repeat ms/step."""
+    return stepcost.write(
+        stepcost.path_for(root, "toy"),
+        {
+            "format": stepcost.FORMAT,
+            "experiment": "toy",
+            "method": stepcost.METHOD,
+            "device": "cpu",
+            "threads": 1,
+            "torch": "2.x",
+            "git_commit": "abcdef0123",
+            "optimizers": {
+                k: {"name": k, "ms_per_step": v, "curvature_passes_per_step": 0.0}
+                for k, v in ms.items()
+            },
+        },
+    )
+
+
 def first_reach(base: float, target: float) -> int:
     """Hand rule: the first evaluation whose loss base + offset is ≤ target."""
     return next(s for s, o in zip(EVAL_STEPS, OFFSETS, strict=True) if base + o <= target)
@@ -219,18 +240,19 @@ def test_time_to_target(tree: Path) -> None:
     target = 0.47 * 1.05  # best Adam mean final val loss × 1.05
     assert res.targets["target"].iloc[0] == pytest.approx(target)
     best = res.best.set_index("optimizer")
+    reached = {}
     for opt, lr, seeds in (
         ("adam", 1e-2, (0, 1, 2)),
         ("lehi", 1e-3, (0, 1, 2)),
         ("lehibrid", 1e-3, (0, 1)),
     ):  # lehibrid seed 2 has no curve
         bases = GRID[(opt, lr)]
-        steps = [first_reach(bases[s], target) for s in seeds]
-        times = [st * step_time(opt, s) for st, s in zip(steps, seeds, strict=True)]
+        reached[opt] = [first_reach(bases[s], target) for s in seeds]
         assert best.loc[opt, "n_reached"] == len(seeds)
-        assert best.loc[opt, "steps_to_target_mean"] == pytest.approx(np.mean(steps))
-        assert best.loc[opt, "time_to_target_mean"] == pytest.approx(np.mean(times))
-        assert best.loc[opt, "time_to_target_std"] == pytest.approx(np.std(times, ddof=1))
+        assert best.loc[opt, "steps_to_target_mean"] == pytest.approx(np.mean(reached[opt]))
+        assert best.loc[opt, "steps_to_target_std"] == pytest.approx(np.std(reached[opt], ddof=1))
+        # no step_cost.json: the runs' own (load-dependent) times are never reported
+        assert math.isnan(best.loc[opt, "time_to_target_mean"])
     assert best.loc["lehi", "steps_to_target_mean"] == pytest.approx((30 + 30 + 40) / 3)
     assert best.loc["sophia", "n_reached"] == 0  # 0.60 never gets to 0.4935
     assert math.isnan(best.loc["sophia", "steps_to_target_mean"])
@@ -238,7 +260,34 @@ def test_time_to_target(tree: Path) -> None:
         (res.runs["optimizer"] == "adam") & (res.runs["lr"] == 1e-2) & (res.runs["seed"] == 2)
     ].iloc[0]
     assert run["steps_to_target"] == 40  # 0.49 + 0.0 ≤ 0.4935, 0.49 + 0.05 is not
-    assert run["time_to_target"] == pytest.approx(40 * step_time("adam", 2))  # not wall time
+    assert "time_to_target" not in res.runs.columns
+
+
+def test_time_to_target_uses_side_by_side_step_cost(tree: Path) -> None:
+    ms = {"adam": [10.0, 11.0, 12.0], "lehi": [16.0, 15.0, 18.0], "sophia": [9.0, 12.0, 12.0]}
+    write_step_cost(tree, ms)
+    res = R.collect(tree)
+    assert res.measured_on("toy") == "cpu, 1 thread, torch 2.x, commit abcdef0"
+    best = res.best.set_index("optimizer")
+    target = 0.47 * 1.05
+    lehi_steps = [first_reach(b, target) for b in GRID[("lehi", 1e-3)]]
+    assert best.loc["lehi", "ms_per_step"] == 16.0  # median over repeats
+    assert best.loc["lehi", "ms_per_step_q1"] == 15.5
+    # overhead: median of the per-repeat ratios 1.6, 15/11, 1.5 (not a ratio of medians)
+    assert best.loc["lehi", "overhead_pct"] == pytest.approx(50.0)
+    assert best.loc["sophia", "overhead_pct"] == pytest.approx(100 * (12 / 12 - 1))
+    assert best.loc["lehi", "time_to_target_mean"] == pytest.approx(np.mean(lehi_steps) * 0.016)
+    assert best.loc["lehi", "time_to_target_std"] == pytest.approx(
+        np.std(lehi_steps, ddof=1) * 0.016
+    )
+    assert math.isnan(best.loc["lehibrid", "time_to_target_mean"])  # not measured
+    md = R.render_markdown(res)
+    assert "time to target (s; steps × step cost measured side by side, cpu, 1 thread" in md
+    lehi_row = next(line for line in md.splitlines() if line.startswith("| LEHI |"))
+    assert f"| {np.mean(lehi_steps) * 0.016:.3g} ± " in lehi_row
+    (tree / "toy" / "step_cost.json").write_text('{"format": "lehi.step_cost/1"}')
+    with pytest.raises(ValueError, match="step_cost.json: 'optimizers'"):
+        R.collect(tree)
 
 
 def test_targets_override_and_bad_input(tree: Path) -> None:
