@@ -55,3 +55,10 @@ diagnostics: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/optim_bench.py --threads 1
 	$(PY) benchmarks/trainer_overhead.py --threads 1
+
+# Provenance of a results tree: lists runs made from a dirty tree or from a commit whose
+# lehi/, conf/, experiments/ or run.py differ from HEAD, and completed runs that end above their
+# initial validation loss; exits 1 when it lists any.
+.PHONY: check-results
+check-results: $(STAMP)
+	$(PY) -m lehi.results check --root $(RESULTS)
