@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from lehi import record, roster
 from lehi import results as R
 from lehi.results import stepcost
 
@@ -43,7 +44,7 @@ SECONDS_PER_STEP = {
 
 
 def step_time(optimizer: str, seed: int) -> float:
-    return SECONDS_PER_STEP[optimizer] * (1 + 0.1 * seed)
+    return SECONDS_PER_STEP.get(optimizer, 0.012) * (1 + 0.1 * seed)
 
 
 def write_run(
@@ -358,3 +359,142 @@ def test_cli(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     err = capsys.readouterr().err.strip()
     assert err.startswith("no results under") and "make sweep EXP=digits" in err
     assert "\n" not in err
+
+
+def relabel(run: Path, label: str, name: str) -> None:
+    """Make a written run one trained with optimizer.name=name optimizer.label=label."""
+    cfg = run / "config.yaml"
+    text = cfg.read_text().replace(f"optimizer:\n  name: {label}\n", "optimizer:\n")
+    cfg.write_text(text.replace("optimizer:\n", f"optimizer:\n  name: {name}\n  label: {label}\n"))
+    data = json.loads((run / "summary.json").read_text())
+    data.update(optimizer=label, optimizer_name=name, identity="0123abcd")
+    (run / "summary.json").write_text(json.dumps(data))
+
+
+def test_relabelled_runs_aggregate_under_their_label(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # two relabelled variants: LEHIBrid tuned differently, and an optimizer the roster lacks
+    for seed, base in enumerate((0.43, 0.44, 0.45)):
+        relabel(write_run(tree, "hyb_sum", 1e-3, seed, base), "hyb_sum", "lehibrid")
+        relabel(write_run(tree, "mystery", 1e-3, seed, base + 0.1), "mystery", "mystery")
+    with caplog.at_level(logging.WARNING, logger="lehi.results"):
+        res = R.collect(tree)
+    relabel_warnings = [r for r in caplog.records if "hyb_sum" in r.getMessage()]
+    assert relabel_warnings == []
+    best = res.best.set_index("optimizer")
+    assert best.loc["hyb_sum", "optimizer_name"] == "lehibrid"
+    assert best.loc["hyb_sum", "val_loss_mean"] == pytest.approx(0.44)
+    # roster order: Adam, Sophia, LEHI, LEHIBrid, its relabelled variant, then unknown names
+    assert list(res.best["optimizer"]) == [
+        "adam",
+        "sophia",
+        "lehi",
+        "lehibrid",
+        "hyb_sum",
+        "mystery",
+    ]
+    pairs = set(map(tuple, res.significance[["optimizer", "baseline"]].to_numpy()))
+    assert {("hyb_sum", "adam"), ("hyb_sum", "sophia"), ("mystery", "adam")} <= pairs
+    assert not any(b in ("hyb_sum", "mystery") for _, b in pairs)  # candidates, not baselines
+    md = R.render_markdown(res)
+    assert "| hyb_sum | 0.001 |" in md and "| hyb_sum vs Adam |" in md
+    assert "| LEHIBrid | 0.001 |" in md  # the unrelabelled run keeps its roster label
+
+
+def test_roster_lookups() -> None:
+    assert roster.names() == ["adam", "adamw", "sophia", "lehi", "lehibrid"]
+    assert [roster.role(n) for n in roster.names()] == ["baseline"] * 3 + ["candidate"] * 2
+    assert len({roster.color(n) for n in roster.names()}) == 5
+    assert roster.color("toy_sgd") == roster.NEUTRAL_COLOR
+    assert roster.role("toy_sgd") == "candidate"
+    assert roster.display_label("lehibrid") == "LEHIBrid"
+    assert roster.display_label("lehibrid", "lehi") == "lehibrid"  # relabelled LEHI: as given
+    assert roster.display_label("fast", "adam") == "fast"
+    ordered = sorted(
+        [("zz", "zz"), ("fast", "adam"), ("lehi", "lehi"), ("adam", "adam")],
+        key=lambda p: roster.rank(*p),
+    )
+    assert ordered == [("adam", "adam"), ("fast", "adam"), ("lehi", "lehi"), ("zz", "zz")]
+
+
+def test_no_progress_runs_are_diverged(tree: Path) -> None:
+    # an older summary (no initial loss): judged from metrics.csv's step-0 validation row
+    old = write_run(tree, "adamw", 1e-2, 0, 0.40)
+    csv = old / "metrics.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([lines[0], "0,0,val,0.3,0.7,0.01,0.1,0.0,0", *lines[1:]]) + "\n")
+    # a new summary that records its initial validation loss
+    new = write_run(tree, "adamw", 1e-2, 1, 0.41)
+    data = json.loads((new / "summary.json").read_text())
+    data["initial"] = {"val_loss": 0.2}
+    (new / "summary.json").write_text(json.dumps(data))
+    fine = write_run(tree, "adamw", 1e-2, 2, 0.42)
+    data = json.loads((fine / "summary.json").read_text())
+    data["initial"] = {"val_loss": 2.3}
+    (fine / "summary.json").write_text(json.dumps(data))
+    assert not R.load_runs(tree).set_index("run").loc["toy/adamw/lr=0.01/seed=0", "diverged"]
+    res = R.collect(tree)
+    runs = res.runs[res.runs["optimizer"] == "adamw"].set_index("seed")
+    assert runs["divergence"].tolist() == ["no_progress", "no_progress", ""]
+    assert runs["diverged"].tolist() == [True, True, False]
+    assert runs["counted"].tolist() == [False, False, True]
+    assert runs.loc[0, "initial_val_loss"] == 0.3
+    cell = res.cells.set_index("optimizer").loc["adamw"]
+    assert cell["n_diverged"] == 2 and not cell["eligible"]
+
+
+def test_summary_reports_last_eval_and_commits(tree: Path) -> None:
+    for path in tree.glob("toy/*/lr=*/seed=*/"):
+        (path / "env.json").write_text(json.dumps({"git_commit": "abcdef0123", "git_dirty": True}))
+    md = R.render_markdown(R.collect(tree))
+    lehi_row = next(line for line in md.splitlines() if line.startswith("| LEHI |"))
+    last = [b + OFFSETS[-1] for b in GRID[("lehi", 1e-3)]]  # validation loss of the last eval
+    assert f"| {np.mean(last):.4g} ± {np.std(last, ddof=1):.2g} |" in lehi_row
+    assert "last eval val loss (mean ± std)" in md
+    n = sum(len(b) for b in GRID.values()) + 1  # + the failed Sophia run
+    assert f"Made at commit(s): `abcdef0` ({n} runs, {n} from a dirty tree)" in md
+
+
+def git_head() -> str:
+    head = record.git("rev-parse", "HEAD")
+    if head is None:
+        pytest.skip("not a git checkout")
+    return head
+
+
+def test_check_lists_untrustworthy_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    head = git_head()
+    first = record.git("rev-list", "--max-parents=0", "HEAD").split()[0]
+    root = tmp_path / "results"
+    envs = {
+        0: {"git_commit": head, "git_dirty": False},  # trustworthy
+        1: {"git_commit": head, "git_dirty": True},
+        2: {"git_commit": "0" * 40, "git_dirty": False},
+        3: {"git_commit": first, "git_dirty": False},  # lehi/ did not even exist then
+    }
+    for seed, env in envs.items():
+        run = write_run(root, "adam", 1e-3, seed, 0.5)
+        (run / "env.json").write_text(json.dumps(env))
+    write_run(root, "adam", 1e-3, 4, 0.5)  # no env.json
+    assert R.main(["check", "--root", str(root)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    listed = {line.split(":")[0].split("seed=")[1]: line for line in out[:-1]}
+    assert sorted(listed) == ["1", "2", "3", "4"]
+    assert "dirty tree" in listed["1"]
+    assert "unknown here" in listed["2"]
+    assert "changed between" in listed["3"]
+    assert "no dirty flag" in listed["4"]
+    assert out[-1].startswith("4 of 5 run(s)")
+
+    clean = tmp_path / "clean"
+    run = write_run(clean, "adam", 1e-3, 0, 0.5)
+    (run / "env.json").write_text(json.dumps(envs[0]))
+    assert R.main(["check", "--root", str(clean)]) == 0
+    assert "all from clean trees" in capsys.readouterr().out
+    # completed above its initial validation loss: listed too
+    data = json.loads((run / "summary.json").read_text())
+    data["initial"] = {"val_loss": 0.1}
+    (run / "summary.json").write_text(json.dumps(data))
+    assert R.main(["check", "--root", str(clean)]) == 1
+    assert "completed but last val loss 0.45 > initial 0.1" in capsys.readouterr().out
