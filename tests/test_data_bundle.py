@@ -1,10 +1,16 @@
-"""Batch iterators (determinism, resume, layouts), augmentation, the registry and digits."""
+"""Batch iterators (determinism, resume, layouts), augmentation, building datasets from their\nconfigs (`_target_`, YAML defaults, option errors) and digits."""
 
 from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
 
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
+from omegaconf import OmegaConf
 
 import lehi.data as data
 from lehi.data.augment import RandomCropFlip
@@ -149,14 +155,67 @@ def test_token_windows_random_and_sequential(tmp_path):
         TokenWindows([a], 1000, 8, 1)
 
 
-def test_registry_errors():
+def test_unknown_dataset_lists_the_known_ones():
+    assert data.known_datasets() == ["cifar10", "digits", "fineweb", "mnist", "protein", "ptb"]
     with pytest.raises(ValueError) as err:
         data.build("imagenet")
-    for name in ("digits", "mnist", "cifar10", "protein", "ptb", "fineweb"):
-        assert name in str(err.value)
-    with pytest.raises(ValueError, match="unknown option 'colour' for dataset 'digits'"):
+    assert str(err.value) == (
+        "unknown dataset 'imagenet'; known: cifar10, digits, fineweb, mnist, protein, ptb"
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "digits", "fineweb", "mnist", "protein", "ptb"])
+def test_yaml_holds_every_option_and_the_builder_no_default(name):
+    config = data.dataset_config(name)
+    assert config["name"] == name and config["_target_"] == f"lehi.data.{name}.build"
+    builder = importlib.import_module(f"lehi.data.{name}").build
+    parameters = inspect.signature(builder).parameters
+    assert list(parameters) == list(data.options(name))
+    assert all(
+        p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+        for p in parameters.values()
+    )
+
+
+def test_option_errors_name_the_key():
+    with pytest.raises(ValueError) as err:
         data.build("digits", colour=1)
+    assert str(err.value) == (
+        "unknown option dataset.colour for lehi.data.digits.build; "
+        "allowed: seed, val_fraction, batch_size, eval_batch_size"
+    )
+    with pytest.raises(ValueError) as err:
+        data.build({"_target_": "lehi.data.digits.build", "name": "digits", "seed": 0})
+    assert str(err.value).startswith("dataset.val_fraction is required by lehi.data.digits.build")
+    with pytest.raises(ValueError, match="dataset._target_ is missing"):
+        data.build({"name": "digits", "seed": 0})
+    with pytest.raises(ValueError, match="dataset._target_ 'lehi.data.nope.build' cannot be"):
+        data.build("digits", _target_="lehi.data.nope.build")
+    # a TypeError raised inside a builder is a bug, not a bad option: it keeps its traceback
+    with pytest.raises(TypeError) as err:
+        data.build("digits", val_fraction="a fifth")
+    assert err.traceback[-1].path.name == "splits.py"
     assert data.options("ptb")["bptt"] == 35
+
+
+def test_builds_from_the_composed_hydra_config(tmp_path):
+    cfg = compose_config(["dataset=digits", "dataset.batch_size=32"])
+    bundle = data.build(cfg.dataset)
+    by_name = data.build("digits", batch_size=32)
+    assert torch.equal(bundle.train.inputs, by_name.train.inputs)
+    assert bundle.train.batch_size == 32 and bundle.task == "classification"
+    assert data.build(OmegaConf.to_container(cfg.dataset, resolve=True)).val.num_examples == 359
+    with pytest.raises(ValueError, match="unknown option dataset.colour"):
+        data.build(compose_config(["dataset=digits", "+dataset.colour=red"]).dataset)
+
+
+def test_bundle_task_is_explicit_and_checked():
+    bundle = data.build("digits")
+    assert bundle.task == "classification" and bundle.to("cpu").task == "classification"
+    with pytest.raises(ValueError, match="DataBundle.task must be one of classification"):
+        dataclasses.replace(bundle, task="sequence")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bundle.task = "regression"
 
 
 def test_digits_bundle():

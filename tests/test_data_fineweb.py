@@ -168,6 +168,7 @@ def test_fineweb_builder_prepares_text_files(tmp_path):
         (),
         257,
     )
+    assert bundle.task == "language_model"
     assert (tmp_path / "data" / "fineweb" / "fineweb_val_000000.bin").is_file()
     batches = list(bundle.train.iter_epoch(0, 3))
     assert (

@@ -65,6 +65,7 @@ def test_mnist_small_files_raw_and_gz(tmp_path):
     arrays = make_mnist(tmp_path)
     bundle = data.build("mnist", data_dir=tmp_path, batch_size=10)
     assert bundle.input_shape == (784,) and bundle.num_outputs == 10
+    assert bundle.task == "classification"
     images, labels = arrays["train"]
     expected = (images.reshape(50, -1).astype(np.float32) / 255.0 - 0.1307) / 0.3081
     assert np.allclose(bundle.train.inputs.numpy(), expected, atol=1e-6)
@@ -129,7 +130,14 @@ def make_cifar(root: Path) -> dict[str, np.ndarray]:
 
 def test_cifar_small_pickles(tmp_path):
     arrays = make_cifar(tmp_path)
-    bundle = data.build("cifar10", data_dir=tmp_path, batch_size=8, train_subset=50, val_subset=20)
+    bundle = data.build(
+        "cifar10",
+        data_dir=tmp_path,
+        batch_size=8,
+        eval_batch_size=8,
+        train_subset=50,
+        val_subset=20,
+    )
     assert bundle.input_shape == (3, 32, 32) and bundle.train.num_examples == 50
     train = (
         np.concatenate([arrays["data_batch_1"], arrays["data_batch_2"][:20]]).astype(np.float64)

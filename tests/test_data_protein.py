@@ -73,6 +73,7 @@ def test_split_and_standardisation(tmp_path):
         (9,),
         1,
     )
+    assert bundle.task == "regression"
     # the documented split: default_rng(seed).permutation(N), the first 10% are validation
     perm = np.random.default_rng(0).permutation(200)
     val_idx, train_idx = np.sort(perm[:20]), np.sort(perm[20:])

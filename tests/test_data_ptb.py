@@ -55,9 +55,16 @@ def test_small_files_vocab_and_bptt(tmp_path):
         w if w in vocab else "<unk>" for w in valid_words
     ]
 
-    bundle = data.build("ptb", data_dir=tmp_path, batch_size=3, bptt=5, verify_checksums=False)
+    bundle = data.build(
+        "ptb",
+        data_dir=tmp_path,
+        batch_size=3,
+        bptt=5,
+        eval_batch_size=None,
+        verify_checksums=False,
+    )
     assert (bundle.loss, bundle.metric, bundle.input_shape) == ("cross_entropy", "perplexity", ())
-    assert bundle.num_outputs == len(vocab)
+    assert bundle.num_outputs == len(vocab) and bundle.task == "language_model"
     stream = ids["train"]
     column = len(stream) // 3
     x, y = next(bundle.train.iter_epoch(0, 0))
@@ -66,7 +73,13 @@ def test_small_files_vocab_and_bptt(tmp_path):
         y[1], stream[column + 1 : column + 6]
     )
     test_bundle = data.build(
-        "ptb", data_dir=tmp_path, batch_size=2, bptt=4, val_split="test", verify_checksums=False
+        "ptb",
+        data_dir=tmp_path,
+        batch_size=2,
+        bptt=4,
+        eval_batch_size=None,
+        val_split="test",
+        verify_checksums=False,
     )
     assert torch.equal(next(test_bundle.val.iter_epoch(0, 0))[0][0], ids["test"][:4])
     with pytest.raises(ValueError, match="val_split"):
@@ -161,7 +174,14 @@ def test_bad_text_file_names_that_file(tmp_path, split, content, expected):
 def test_stream_too_short_for_a_batch_names_the_file(tmp_path):
     write_ptb(tmp_path / "ptb", {**TEXT, "valid": [" a cat "]})
     with pytest.raises(data.DataFileError) as err:
-        data.build("ptb", data_dir=tmp_path, verify_checksums=False, batch_size=2, bptt=5)
+        data.build(
+            "ptb",
+            data_dir=tmp_path,
+            verify_checksums=False,
+            batch_size=2,
+            bptt=5,
+            eval_batch_size=None,
+        )
     assert str(err.value) == (
         f"{tmp_path / 'ptb' / 'ptb.valid.txt'}: 3 tokens are too few for one batch of 2 x 6"
     )

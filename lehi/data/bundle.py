@@ -13,7 +13,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -65,33 +65,37 @@ class Batches(ABC):
         """A copy whose batches are produced on `device`."""
 
 
-@dataclass
+#: What a bundle's examples are; the trainer and the models branch on this, never on shapes.
+#: classification: one class per example (cross-entropy, accuracy); regression: real targets
+#: (MSE, RMSE in the target's units); language_model: a target token per input token
+#: (cross-entropy per token, perplexity).
+TASKS = ("classification", "regression", "language_model")
+
+
+@dataclass(frozen=True)
 class DataBundle:
     """Everything the trainer needs to know about a dataset."""
 
     name: str
+    task: str  # one of TASKS
     loss: str  # "cross_entropy" | "mse"
     metric: str  # "accuracy" | "rmse" | "perplexity"
-    input_shape: tuple[int, ...]
-    num_outputs: int
+    input_shape: tuple[int, ...]  # of one example; () for token sequences
+    num_outputs: int  # classes, regression targets or vocabulary size
     train: Batches
     val: Batches
-    target_std: float = 1.0
+    target_std: float = 1.0  # regression: converts the standardised RMSE to the target's units
     ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(
+                f"DataBundle.task must be one of {', '.join(TASKS)}, got {self.task!r}"
+            )
 
     def to(self, device: torch.device | str) -> DataBundle:
         """A copy with both splits moved to `device`."""
-        return DataBundle(
-            name=self.name,
-            loss=self.loss,
-            metric=self.metric,
-            input_shape=self.input_shape,
-            num_outputs=self.num_outputs,
-            train=self.train.to(device),
-            val=self.val.to(device),
-            target_std=self.target_std,
-            ignore_index=self.ignore_index,
-        )
+        return replace(self, train=self.train.to(device), val=self.val.to(device))
 
 
 class TensorBatches(Batches):

@@ -62,8 +62,8 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
 
 # What the CIFAR-10 python format (and the same dict written by Python 3) needs to rebuild:
 # ndarray reconstruction (protocols 0-4), its buffer form (protocol 5), dtypes, and bytes
-# written as latin-1 text or as bytes(). Taken from numpy's own reductions so the names of every numpy
-# version (numpy.core vs numpy._core) resolve to the same functions.
+# written as latin-1 text or as bytes(). Taken from numpy's own reductions so the names of
+# every numpy version (numpy.core vs numpy._core) resolve to the same functions.
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
 _ALLOWED_GLOBALS = {
@@ -243,18 +243,20 @@ def load_arrays(
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 128,
-    eval_batch_size: int | None = None,
-    train_subset: int | None = None,
-    val_subset: int | None = None,
-    augment: bool = True,
-    verify_checksums: bool = False,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    batch_size: int,
+    eval_batch_size: int | None,
+    train_subset: int | None,
+    val_subset: int | None,
+    augment: bool,
+    verify_checksums: bool,
 ) -> DataBundle:
     """CIFAR-10 as (3, 32, 32) floats normalised per channel with the training split's mean/std.
 
     augment=True applies a random 4 px crop (black padding) and horizontal flip to training
     batches on their device. train_subset / val_subset keep the first K images.
+    Defaults: conf/dataset/cifar10.yaml.
     """
     arrays = load_arrays(
         data_dir,
@@ -276,4 +278,13 @@ def build(
         shuffle=False,
         drop_last=False,
     )
-    return DataBundle("cifar10", "cross_entropy", "accuracy", (3, 32, 32), 10, train, val)
+    return DataBundle(
+        name="cifar10",
+        task="classification",
+        loss="cross_entropy",
+        metric="accuracy",
+        input_shape=(3, 32, 32),
+        num_outputs=10,
+        train=train,
+        val=val,
+    )

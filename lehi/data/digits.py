@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -12,17 +10,13 @@ from lehi.data.splits import split_indices
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    eval_batch_size: int | None = None,
-    val_fraction: float = 0.2,
+    *, seed: int, val_fraction: float, batch_size: int, eval_batch_size: int | None
 ) -> DataBundle:
     """Digits as 64 pixels scaled to [0, 1] (divided by 16), 10 classes.
 
-    `seed` fixes the split (numpy default_rng(seed) permutation; the first 20% are validation)
-    and is independent of the run seed. `data_dir` is accepted for a uniform interface and not
-    used: scikit-learn ships the data.
+    `seed` fixes the split (numpy default_rng(seed) permutation; the first `val_fraction` are
+    validation) and is independent of the run seed. There is no `data_dir`: scikit-learn ships
+    the data. Defaults: conf/dataset/digits.yaml.
     """
     from sklearn.datasets import load_digits
 
@@ -40,4 +34,13 @@ def build(
         shuffle=False,
         drop_last=False,
     )
-    return DataBundle("digits", "cross_entropy", "accuracy", (64,), 10, train, val)
+    return DataBundle(
+        name="digits",
+        task="classification",
+        loss="cross_entropy",
+        metric="accuracy",
+        input_shape=(64,),
+        num_outputs=10,
+        train=train,
+        val=val,
+    )

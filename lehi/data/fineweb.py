@@ -15,13 +15,7 @@ from pathlib import Path
 
 from lehi.data.bundle import DataBundle, TokenWindows
 from lehi.data.files import DataFileError, DataUnavailableError, resolve_data_dir
-from lehi.data.fineweb_prepare import (
-    DEFAULT_SHARD_SIZE,
-    DEFAULT_VAL_TOKENS,
-    MANIFEST,
-    prepare,
-    read_manifest,
-)
+from lehi.data.fineweb_prepare import MANIFEST, prepare, read_manifest
 from lehi.data.shards import read_header
 from lehi.data.tokenizer import VOCAB_SIZES
 
@@ -61,23 +55,26 @@ def find_shards(shard_dir: Path) -> tuple[list[Path], list[Path]] | None:
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    shard_dir: str | os.PathLike[str] | None = None,
-    text_files: Sequence[str | os.PathLike[str]] | None = None,
-    context: int = 2048,
-    batch_size: int = 16,
-    steps_per_epoch: int = 1000,
-    val_steps: int | None = None,
-    eval_batch_size: int | None = None,
-    tokenizer: str = "gpt2",
-    val_tokens: int = DEFAULT_VAL_TOKENS,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    num_tokens: int | None = None,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    shard_dir: str | os.PathLike[str] | None,
+    text_files: Sequence[str | os.PathLike[str]] | None,
+    context: int,
+    batch_size: int,
+    steps_per_epoch: int,
+    val_steps: int | None,
+    eval_batch_size: int | None,
+    tokenizer: str,
+    val_tokens: int,
+    shard_size: int,
+    num_tokens: int | None,
 ) -> DataBundle:
     """Random training windows of `context` tokens (`steps_per_epoch` batches per epoch) and
     sequential validation windows (all of the validation shard, or the first `val_steps` batches).
 
     val_tokens / shard_size / num_tokens only matter when `text_files` are tokenised here.
+    Defaults: conf/dataset/fineweb.yaml (`python -m lehi.data.fineweb_prepare` keeps its own
+    command-line defaults for the same sizes, as a separate tool).
     """
     if tokenizer not in VOCAB_SIZES:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(VOCAB_SIZES)}")
@@ -116,4 +113,13 @@ def build(
     val = TokenWindows(
         val_paths, context, eval_batch_size or batch_size, val_steps, random=False, vocab_size=vocab
     )
-    return DataBundle("fineweb", "cross_entropy", "perplexity", (), vocab, train, val)
+    return DataBundle(
+        name="fineweb",
+        task="language_model",
+        loss="cross_entropy",
+        metric="perplexity",
+        input_shape=(),
+        num_outputs=vocab,
+        train=train,
+        val=val,
+    )

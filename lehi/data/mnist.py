@@ -181,17 +181,19 @@ def _to_tensors(
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 128,
-    eval_batch_size: int | None = None,
-    flatten: bool = True,
-    train_subset: int | None = None,
-    val_subset: int | None = None,
-    verify_checksums: bool = False,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    batch_size: int,
+    eval_batch_size: int | None,
+    flatten: bool,
+    train_subset: int | None,
+    val_subset: int | None,
+    verify_checksums: bool,
 ) -> DataBundle:
     """MNIST normalised with mean 0.1307 / std 0.3081; inputs (784,) or (1, 28, 28).
 
     train_subset / val_subset keep the first K examples of each split (None = all).
+    Defaults: conf/dataset/mnist.yaml.
     """
     arrays = load_arrays(data_dir, verify_checksums=verify_checksums)
     tx, ty = arrays["train"]
@@ -203,4 +205,13 @@ def build(
         *_to_tensors(vx, vy, flatten), eval_batch_size or batch_size, shuffle=False, drop_last=False
     )
     shape = (tx.shape[1] * tx.shape[2],) if flatten else (1, tx.shape[1], tx.shape[2])
-    return DataBundle("mnist", "cross_entropy", "accuracy", shape, 10, train, val)
+    return DataBundle(
+        name="mnist",
+        task="classification",
+        loss="cross_entropy",
+        metric="accuracy",
+        input_shape=shape,
+        num_outputs=10,
+        train=train,
+        val=val,
+    )

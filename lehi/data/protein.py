@@ -175,14 +175,18 @@ def load_rows(
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 128,
-    eval_batch_size: int | None = None,
-    val_fraction: float = 0.1,
-    verify_checksums: bool = True,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    seed: int,
+    val_fraction: float,
+    batch_size: int,
+    eval_batch_size: int | None,
+    verify_checksums: bool,
 ) -> DataBundle:
-    """Protein regression: 9 standardised features -> standardised RMSD (N, 1)."""
+    """Protein regression: 9 standardised features -> standardised RMSD (N, 1).
+
+    Defaults: conf/dataset/protein.yaml.
+    """
     rows = load_rows(data_dir, verify_checksums=verify_checksums)
     train_idx, val_idx = split_indices(len(rows), val_fraction, seed)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -198,4 +202,14 @@ def build(
     val = TensorBatches(
         tensor(vx), tensor(vy), eval_batch_size or batch_size, shuffle=False, drop_last=False
     )
-    return DataBundle("protein", "mse", "rmse", (9,), 1, train, val, target_std=float(std[0]))
+    return DataBundle(
+        name="protein",
+        task="regression",
+        loss="mse",
+        metric="rmse",
+        input_shape=(9,),
+        num_outputs=1,
+        train=train,
+        val=val,
+        target_std=float(std[0]),
+    )

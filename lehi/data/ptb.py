@@ -155,14 +155,18 @@ def load_corpus(
 
 
 def build(
-    data_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 20,
-    bptt: int = 35,
-    eval_batch_size: int | None = None,
-    val_split: str = "valid",
-    verify_checksums: bool = True,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    batch_size: int,
+    bptt: int,
+    eval_batch_size: int | None,
+    val_split: str,
+    verify_checksums: bool,
 ) -> DataBundle:
-    """PTB as BPTT windows (B, bptt) of token ids; validation on `val_split` ("valid" | "test")."""
+    """PTB as BPTT windows (B, bptt) of token ids; validation on `val_split` ("valid" | "test").
+
+    Defaults: conf/dataset/ptb.yaml.
+    """
     if val_split not in ("valid", "test"):
         raise ValueError(f"val_split must be 'valid' or 'test', got {val_split!r}")
     vocab, ids = load_corpus(data_dir, verify_checksums=verify_checksums)
@@ -176,4 +180,13 @@ def build(
             )
     train = BPTTBatches(ids["train"], batch_size, bptt)
     val = BPTTBatches(ids[val_split], eval_batch_size, bptt)
-    return DataBundle("ptb", "cross_entropy", "perplexity", (), len(vocab), train, val)
+    return DataBundle(
+        name="ptb",
+        task="language_model",
+        loss="cross_entropy",
+        metric="perplexity",
+        input_shape=(),
+        num_outputs=len(vocab),
+        train=train,
+        val=val,
+    )
