@@ -498,3 +498,27 @@ def test_check_lists_untrustworthy_runs(tmp_path: Path, capsys: pytest.CaptureFi
     (run / "summary.json").write_text(json.dumps(data))
     assert R.main(["check", "--root", str(clean)]) == 1
     assert "completed but last val loss 0.45 > initial 0.1" in capsys.readouterr().out
+
+
+def test_step_cost_benchmark_writes_what_collect_reads(tmp_path: Path) -> None:
+    """benchmarks/step_cost.py on the digits preset (tiny budget): the file's format and the
+    curvature passes it counts; the timings themselves are not asserted."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results" / "digits" / "step_cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "step_cost.py"), "--experiment", "digits",
+         "--optimizers", "adam", "lehi", "--repeats", "2", "--steps", "2", "--warmup", "1",
+         "--out", str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = stepcost.read(tmp_path / "results", "digits")
+    assert data["experiment"] == "digits" and data["threads"] == 1
+    assert list(data["optimizers"]) == ["adam", "lehi"]
+    assert [len(v["ms_per_step"]) for v in data["optimizers"].values()] == [2, 2]
+    assert data["optimizers"]["adam"]["curvature_passes_per_step"] == 0
+    assert data["optimizers"]["lehi"]["curvature_passes_per_step"] == 1  # hessian_every: 1
+    assert f"wrote {out}" in proc.stdout
