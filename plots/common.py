@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lehi.results import NO_RESULTS_HINT, Results, collect, write_summary
+from lehi.results.stepcost import StepCostError
 
 FigureFn = Callable[[Results, Path], list[Path]]
 """A figure producer: reads the computed tables, writes its files under the folder, returns them."""
@@ -27,8 +28,8 @@ def main(
 ) -> int:
     """Parse ``--root``/``--out``, compute the tables once, run ``figures``; return the exit code.
 
-    With ``summary`` the Markdown/CSV summary is written too. Exit code 1, with one guidance
-    line on stderr, when ``--root`` has no finished run.
+    With ``summary`` the Markdown/CSV summary is written too. Exit code 1, with one line on
+    stderr, when ``--root`` has no finished run or a malformed step_cost.json.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default="results", help="results tree (default: results)")
@@ -36,7 +37,11 @@ def main(
         "--out", default="plots/figures", help="folder for PNG/PDF files (default: plots/figures)"
     )
     args = parser.parse_args(argv)
-    results = collect(args.root)
+    try:
+        results = collect(args.root)
+    except StepCostError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if results.empty:
         print(no_results_message(args.root), file=sys.stderr)
         return 1

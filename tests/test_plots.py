@@ -367,3 +367,12 @@ def test_empty_root_guidance(script: str, tmp_path: Path) -> None:
         "first (any experiment works), then `make figures`"
     )
     assert not (tmp_path / "f").exists()
+
+
+def test_malformed_step_cost_is_one_line_error(tree_copy: Path, tmp_path: Path) -> None:
+    stepcost.path_for(tree_copy, "digits").write_text('{"format": "lehi.step_cost/0"}')
+    proc = run_script("make_figures.py", "--root", str(tree_copy), "--out", str(tmp_path / "f"))
+    assert proc.returncode == 1
+    message = proc.stderr.strip()
+    assert "\n" not in message
+    assert message.endswith("digits/step_cost.json: 'format' must be 'lehi.step_cost/1'")
