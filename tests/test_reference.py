@@ -1,0 +1,493 @@
+"""Every option of LEHI, LEHIBrid and SophiaG against a plain transcription of METHOD.md.
+
+The references below restate each update in plain tensor code, one line of the spec per line
+of code, with g and the auxiliary gradient computed by autograd on a copy of the model. The
+only thing they share with the optimizers is the draw of v (``lehi.curvature.aux_vector`` from
+a generator seeded like the optimizer's), so a sampled estimator can be compared exactly;
+the draws themselves are checked in test_samplers.py.
+
+Each case also checks that its option changes the reference's result by far more than the
+comparison tolerance, so no case can pass with the option ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from test_optim_paths import compile_works
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lehi.curvature import aux_vector
+from lehi.optim import LEHI, LEHIBrid, SophiaG
+
+SEED = 11
+SAMPLER = "inverse_cdf"  # named explicitly: the tests must not depend on the default
+IGNORE = -100
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True)}
+MATCH = dict(rtol=1e-4, atol=1e-5)
+#: An option "changes the result" when flipping it moves some weight by at least this much.
+CHANGED = 1e-3
+
+Batch = tuple[Tensor, Tensor]
+Step = list[Batch]  # the micro-batches of one optimizer step
+
+
+# ------------------------------------------------------------------------------ problems
+def make_model(loss: str) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3 if loss != "mse" else 2))
+
+
+def make_steps(loss: str, sizes: list[list[int]], *, ignored: int = 0, scale: float = 1.0):
+    """One list of micro-batches per step; ``ignored`` targets per micro-batch set to IGNORE."""
+    g = torch.Generator().manual_seed(5)
+    steps = []
+    for step_sizes in sizes:
+        step = []
+        for n in step_sizes:
+            x = torch.randn(n, 4, generator=g) * scale
+            if loss == "mse":
+                y = torch.randn(n, 2, generator=g)
+            else:
+                y = torch.randint(0, 3, (n,), generator=g)
+                y[:ignored] = IGNORE
+            step.append((x, y))
+        steps.append(step)
+    return steps
+
+
+def loss_of(loss: str, out: Tensor, y: Tensor) -> Tensor:
+    if loss == "mse":
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out, y, ignore_index=IGNORE)
+
+
+def terms(loss: str, y: Tensor) -> int:
+    """N: examples for MSE, non-ignored targets for cross-entropy."""
+    return len(y) if loss == "mse" else int((y != IGNORE).sum())
+
+
+def draw_v(loss: str, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+    v = aux_vector(loss, out.detach(), y, gen, ignore_index=IGNORE, sampler=SAMPLER)
+    if loss != "mse":
+        v = v * (y != IGNORE).unsqueeze(1)  # METHOD.md: ignored targets get v = 0
+    return v
+
+
+# ---------------------------------------------------------------------------- references
+@dataclass(frozen=True)
+class Options:
+    """The hyper-parameters of one case (the optimizers' keyword arguments)."""
+
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-4
+    weight_decay: float = 0.0
+    hessian_every: int = 1
+    estimator: str = "sampled"
+    scale_by_batch: bool = False
+    eps_inside_sqrt: bool = False
+    bias_correction: bool = True
+    hybrid: str | None = None  # None: LEHI; max | sum | mix: LEHIBrid
+    mix_weight: float = 0.5
+    rho: float | None = None  # not None: SophiaG
+    curvature_grad_clip: float | None = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.rho is not None:
+            return dict(
+                lr=self.lr,
+                betas=self.betas,
+                rho=self.rho,
+                weight_decay=self.weight_decay,
+                hessian_every=self.hessian_every,
+                curvature_grad_clip=self.curvature_grad_clip,
+            )
+        kw = dict(
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            hessian_every=self.hessian_every,
+            estimator=self.estimator,
+            scale_by_batch=self.scale_by_batch,
+            eps_inside_sqrt=self.eps_inside_sqrt,
+            bias_correction=self.bias_correction,
+        )
+        if self.hybrid is not None:
+            kw.update(hybrid=self.hybrid, mix_weight=self.mix_weight)
+        return kw
+
+    @property
+    def cls(self) -> type[torch.optim.Optimizer]:
+        if self.rho is not None:
+            return SophiaG
+        return LEHI if self.hybrid is None else LEHIBrid
+
+
+@dataclass
+class Pass:
+    """What one step's batch gives: g, the auxiliary gradient a (or per-example h), N."""
+
+    g: list[Tensor]
+    a: list[Tensor] | None = None
+    per_example_h: list[Tensor] | None = None
+    n: int = 0
+    norms: list[float] = field(default_factory=list)
+
+
+def gradients(model: nn.Module, loss: str, step: Step, estimator: str, gen, refresh: bool):
+    """g = ∇f of the step's batch and, on refresh steps, a = ∇L_aux with its N.
+
+    With k micro-batches each loss and each L_aux is divided by k (as the trainer does), and
+    N is the number of loss terms of the whole step.
+    """
+    params = list(model.parameters())
+    k = len(step)
+    out = Pass(g=[torch.zeros_like(p) for p in params])
+    draws = refresh and estimator != "squared_gradient"
+    if draws:
+        out.a = [torch.zeros_like(p) for p in params]
+        out.per_example_h = [torch.zeros_like(p) for p in params]
+    for x, y in step:
+        z = model(x)
+        for acc, gi in zip(
+            out.g, torch.autograd.grad(loss_of(loss, z, y) / k, params, retain_graph=True)
+        ):
+            acc += gi
+        if not draws:
+            continue
+        v = draw_v(loss, z, y, gen)
+        n = max(terms(loss, y), 1)
+        out.n += n
+        aux = (v * z).sum() / n  # L_aux = (1/N) Σ_n v_n · z_n
+        for acc, ai in zip(out.a, torch.autograd.grad(aux / k, params)):
+            acc += ai
+        if estimator == "per_example":  # Σ_n (J_nᵀ v_n)² / N², one example at a time
+            for j in range(len(x)):
+                zj = model(x[j : j + 1])[0]
+                for acc, gj in zip(
+                    out.per_example_h, torch.autograd.grad((v[j] * zj).sum(), params)
+                ):
+                    acc += gj.square() / n**2
+    return out
+
+
+def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -> list[Tensor]:
+    """METHOD.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
+
+    LEHIBrid with scale_by_batch scales the hybrid, s·hybrid(g⊙g, h), so that like is compared
+    with like (issue 12; the optimizer's docstring).
+    """
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(SEED)
+    beta1, beta2 = o.betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    r = 0
+    for t, step in enumerate(steps, start=1):
+        refresh = (t - 1) % o.hessian_every == 0  # t ≡ 1 mod k
+        b = gradients(model, loss, step, o.estimator, gen, refresh)
+        with torch.no_grad():
+            if refresh:
+                r += 1
+                for i in range(len(params)):
+                    if o.estimator == "squared_gradient":
+                        h = b.g[i] * b.g[i]
+                    elif o.estimator == "per_example":
+                        h = b.per_example_h[i]
+                    else:
+                        h = b.a[i] * b.a[i]
+                    if o.hybrid == "max":
+                        h = torch.maximum(b.g[i] * b.g[i], h)
+                    elif o.hybrid == "sum":
+                        h = b.g[i] * b.g[i] + h
+                    elif o.hybrid == "mix":
+                        h = (1 - o.mix_weight) * b.g[i] * b.g[i] + o.mix_weight * h
+                    if o.scale_by_batch:  # after the hybrid: N·h is compared with N·g⊙g
+                        h = b.n * h
+                    v[i] = beta2 * v[i] + (1 - beta2) * h
+            for i, p in enumerate(params):
+                m[i] = beta1 * m[i] + (1 - beta1) * b.g[i]
+                p -= o.lr * o.weight_decay * p
+                m_hat = m[i] / (1 - beta1**t)
+                v_hat = v[i] / (1 - beta2**r) if o.bias_correction else v[i]
+                if o.eps_inside_sqrt:
+                    denom = torch.sqrt(v_hat + o.eps)
+                else:
+                    denom = torch.sqrt(v_hat) + o.eps
+                p -= o.lr * m_hat / denom
+    return [p.detach() for p in params]
+
+
+def sophia_reference(
+    model: nn.Module, loss: str, steps: list[Step], o: Options, *, norms: list | None = None
+) -> list[Tensor]:
+    """METHOD.md's SophiaG: ĝ clipped to norm c, h EMA every k steps, clipped ratio step."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(SEED)
+    beta1, beta2 = o.betas
+    m = [torch.zeros_like(p) for p in params]
+    h = [torch.zeros_like(p) for p in params]
+    n = 0
+    for t, step in enumerate(steps, start=1):
+        refresh = (t - 1) % o.hessian_every == 0
+        b = gradients(model, loss, step, "sampled", gen, refresh)
+        with torch.no_grad():
+            if refresh:
+                n = b.n
+                g_hat = b.a
+                norm = torch.sqrt(sum((a * a).sum() for a in g_hat))
+                if norms is not None:
+                    norms.append(float(norm))
+                if o.curvature_grad_clip is not None:
+                    coef = min(1.0, o.curvature_grad_clip / (float(norm) + 1e-6))
+                    g_hat = [coef * a for a in g_hat]
+                h = [beta2 * hi + (1 - beta2) * a * a for hi, a in zip(h, g_hat)]
+            for i, p in enumerate(params):
+                m[i] = beta1 * m[i] + (1 - beta1) * b.g[i]
+                p *= 1 - o.lr * o.weight_decay
+                p -= o.lr * torch.clamp(m[i] / (o.rho * n * h[i] + 1e-15), -1, 1)
+    return [p.detach() for p in params]
+
+
+def reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -> list[Tensor]:
+    if o.rho is not None:
+        return sophia_reference(model, loss, steps, o)
+    return lehi_reference(model, loss, steps, o)
+
+
+# ---------------------------------------------------------------------- the optimizers
+def train(model: nn.Module, loss: str, steps: list[Step], o: Options, **path: Any) -> list[Tensor]:
+    """The optimizer under test in a plain loop, through its public backward and step."""
+    model = copy.deepcopy(model)
+    opt = o.cls(model.parameters(), loss=loss, sampler=SAMPLER, seed=SEED, **o.kwargs(), **path)
+    for step in steps:
+        opt.zero_grad()
+        k = len(step)
+        for i, (x, y) in enumerate(step):
+            z = model(x)
+            if k == 1:
+                opt.backward(loss_of(loss, z, y), z, y, model=model, inputs=x)
+            else:
+                opt.backward(loss_of(loss, z, y) / k, z, y, micro_batch=(i, k))
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def assert_params_close(actual: list[Tensor], expected: list[Tensor]) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, **MATCH)
+
+
+def largest_difference(a: list[Tensor], b: list[Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """An option set, the problem it runs on, and the flip that must change the result."""
+
+    options: Options
+    flip: dict[str, Any]
+    loss: str = "cross_entropy"
+    sizes: tuple[tuple[int, ...], ...] = ((8,),) * 5
+    ignored: int = 0
+    scale: float = 1.0
+
+    def steps(self) -> list[Step]:
+        sizes = [list(s) for s in self.sizes]
+        return make_steps(self.loss, sizes, ignored=self.ignored, scale=self.scale)
+
+
+SOPHIA = Options(lr=0.01, betas=(0.9, 0.9), rho=0.5, weight_decay=0.1, hessian_every=1)
+ACCUMULATED = ((3, 9),) * 4  # unequal micro-batches: N = 12, the last one has 9
+
+CASES = {
+    # LEHI, each estimator
+    "sampled": Case(Options(), dict(estimator="squared_gradient")),
+    "sampled-mse": Case(Options(), dict(estimator="squared_gradient"), loss="mse"),
+    "per_example": Case(Options(estimator="per_example"), dict(estimator="sampled")),
+    "per_example-mse": Case(
+        Options(estimator="per_example"), dict(estimator="sampled"), loss="mse"
+    ),
+    "squared_gradient": Case(Options(estimator="squared_gradient"), dict(estimator="sampled")),
+    # the refresh schedule; v̂ divides by 1 − β2^r, r = refreshes (1, 1, 1, 2, 2, 2, 3)
+    "hessian_every": Case(Options(hessian_every=3), dict(hessian_every=1), sizes=((8,),) * 7),
+    "hessian_every-squared_gradient": Case(
+        Options(hessian_every=2, estimator="squared_gradient"), dict(hessian_every=1)
+    ),
+    "no_bias_correction": Case(
+        Options(hessian_every=2, bias_correction=False), dict(bias_correction=True)
+    ),
+    "scale_by_batch": Case(Options(scale_by_batch=True), dict(scale_by_batch=False)),
+    "scale_by_batch-mse": Case(
+        Options(scale_by_batch=True), dict(scale_by_batch=False), loss="mse"
+    ),
+    "scale_by_batch-per_example": Case(
+        Options(scale_by_batch=True, estimator="per_example"), dict(scale_by_batch=False)
+    ),
+    "scale_by_batch-ignored": Case(
+        Options(scale_by_batch=True), dict(scale_by_batch=False), ignored=3
+    ),
+    "eps_inside_sqrt": Case(Options(eps_inside_sqrt=True, eps=1e-3), dict(eps_inside_sqrt=False)),
+    "weight_decay": Case(Options(weight_decay=0.5), dict(weight_decay=0.0)),
+    # gradient accumulation: h is the square of the summed auxiliary gradient, N the total
+    "accumulation": Case(
+        Options(scale_by_batch=True), dict(scale_by_batch=False), sizes=ACCUMULATED
+    ),
+    "accumulation-hessian_every": Case(
+        Options(hessian_every=2), dict(hessian_every=1), sizes=ACCUMULATED
+    ),
+    # LEHIBrid
+    "hybrid-max": Case(Options(hybrid="max"), dict(hybrid="sum")),
+    "hybrid-sum": Case(Options(hybrid="sum"), dict(hybrid="max")),
+    "hybrid-mix": Case(Options(hybrid="mix", mix_weight=0.25), dict(mix_weight=0.75)),
+    "hybrid-max-per_example": Case(
+        Options(hybrid="max", estimator="per_example"), dict(estimator="sampled")
+    ),
+    "hybrid-max-scale_by_batch": Case(
+        Options(hybrid="max", scale_by_batch=True), dict(scale_by_batch=False)
+    ),
+    "hybrid-max-accumulation": Case(
+        Options(hybrid="max", scale_by_batch=True), dict(scale_by_batch=False), sizes=ACCUMULATED
+    ),
+    # SophiaG: ρ, the clip of ĝ (inputs scaled so that ‖ĝ‖ is well above it), k, decay
+    "sophia": Case(SOPHIA, dict(rho=0.05)),
+    "sophia-grad_clip": Case(
+        replace(SOPHIA, curvature_grad_clip=0.05), dict(curvature_grad_clip=None), scale=3.0
+    ),
+    "sophia-no_grad_clip": Case(
+        replace(SOPHIA, curvature_grad_clip=None), dict(curvature_grad_clip=0.05), scale=3.0
+    ),
+    "sophia-hessian_every": Case(
+        replace(SOPHIA, hessian_every=3), dict(hessian_every=1), sizes=((8,),) * 7
+    ),
+    "sophia-weight_decay": Case(replace(SOPHIA, weight_decay=2.0), dict(weight_decay=0.0)),
+    "sophia-mse": Case(SOPHIA, dict(rho=0.05), loss="mse"),
+    "sophia-accumulation": Case(
+        replace(SOPHIA, curvature_grad_clip=None), dict(rho=0.05), sizes=ACCUMULATED
+    ),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", list(CASES))
+def test_optimizer_follows_the_reference(name, path):
+    case = CASES[name]
+    model, steps = make_model(case.loss), case.steps()
+    actual = train(model, case.loss, steps, case.options, **PATHS[path])
+    assert_params_close(actual, reference(model, case.loss, steps, case.options))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_case_exercises_its_option(name):
+    """Flipping the case's option moves the reference far more than the tolerance allows."""
+    case = CASES[name]
+    model, steps = make_model(case.loss), case.steps()
+    expected = reference(model, case.loss, steps, case.options)
+    flipped = reference(model, case.loss, steps, replace(case.options, **case.flip))
+    assert largest_difference(expected, flipped) > CHANGED
+
+
+def test_sophia_clip_case_has_sampled_gradients_above_the_threshold():
+    case = CASES["sophia-grad_clip"]
+    norms: list[float] = []
+    sophia_reference(make_model(case.loss), case.loss, case.steps(), case.options, norms=norms)
+    assert len(norms) == len(case.sizes)
+    assert min(norms) > 3 * case.options.curvature_grad_clip, norms
+
+
+def test_accumulation_takes_n_from_the_whole_step():
+    """N of the accumulated step is 12; N = 9 (the last micro-batch's) gives another result."""
+    for name in ("accumulation", "sophia-accumulation"):
+        case = CASES[name]
+        model, steps = make_model(case.loss), case.steps()
+        expected = reference(model, case.loss, steps, case.options)
+        wrong = reference(model, case.loss, [s[-1:] for s in steps], case.options)
+        assert largest_difference(expected, wrong) > CHANGED
+        assert_params_close(train(model, case.loss, steps, case.options), expected)
+
+
+def test_compiled_lehi_follows_the_reference():
+    """The torch.compile'd step: refresh count, ε inside the root, decay and N-scaling at once."""
+    if not compile_works():
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    options = Options(hessian_every=3, eps_inside_sqrt=True, eps=1e-3, weight_decay=0.2)
+    options = replace(options, scale_by_batch=True)
+    model = make_model("cross_entropy")
+    steps = make_steps("cross_entropy", [[8]] * 7)
+    actual = train(model, "cross_entropy", steps, options, compile=True)
+    assert_params_close(actual, lehi_reference(model, "cross_entropy", steps, options))
+
+
+# -------------------------------------------------------------------------- data parallel
+#: Cases run on two gloo ranks, each on its half of every batch, against the one-process
+#: reference on the whole batch: N-scaling with the global N, LEHIBrid's g after the ranks'
+#: gradient mean, SophiaG's clip of the global ĝ, and the sliced draws of both losses.
+DATA_PARALLEL = ("scale_by_batch", "scale_by_batch-mse", "hybrid-max", "sophia-grad_clip")
+
+
+def mean_across_ranks(tensors: list[Tensor]) -> None:
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+
+
+def data_parallel_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for name in DATA_PARALLEL:
+            case = CASES[name]
+            model = make_model(case.loss)
+            ddp = DistributedDataParallel(model)
+            o = case.options
+            opt = o.cls(
+                model.parameters(), loss=case.loss, sampler=SAMPLER, seed=SEED, **o.kwargs()
+            )
+            opt.configure_data_parallel(mean_across_ranks, rank, world_size)
+            for ((x, y),) in case.steps():
+                rows = len(x) // world_size
+                x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
+                opt.zero_grad()
+                z = ddp(x)
+                opt.backward(loss_of(case.loss, z, y), z, y)
+                opt.step()
+            results[name] = [p.detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_data_parallel_ranks_follow_the_one_process_reference(tmp_path: Path):
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(data_parallel_worker, args=(2, free_port(), str(out)), nprocs=2)
+    results = torch.load(out)
+    for name in DATA_PARALLEL:
+        case = CASES[name]
+        model, steps = make_model(case.loss), case.steps()
+        assert_params_close(results[name], reference(model, case.loss, steps, case.options))

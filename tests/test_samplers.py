@@ -1,0 +1,175 @@
+"""The draws of v: the categorical samplers on known uniforms and on frequencies.
+
+The inverse-CDF sampler must return, for its uniform u, the first class whose cumulative
+probability exceeds u·total. The uniforms are known here by reading the generator's stream
+ahead on a copy of the generator, so boundary values (u = 0, u just below 1, u·total equal
+to a cumulative sum) are exercised on the real sampler, not on a re-implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from lehi.curvature import SAMPLERS, aux_vector, sample_categorical
+
+#: torch.rand's float32 uniforms are k / 2^24, k = 0 … 2^24 − 1.
+LARGEST_U = 1.0 - 2.0**-24
+
+
+def copy_of(generator: torch.Generator) -> torch.Generator:
+    twin = torch.Generator()
+    twin.set_state(generator.get_state())
+    return twin
+
+
+def coming_uniforms(generator: torch.Generator, rows: int) -> torch.Tensor:
+    """The (rows, 1) uniforms the inverse-CDF sampler will draw next from ``generator``."""
+    return torch.rand((rows, 1), generator=copy_of(generator))
+
+
+def generator_before(value: float, seed: int = 0, chunk: int = 1 << 22) -> torch.Generator:
+    """A generator whose next float32 uniform is ``value`` (found by reading its stream)."""
+    search = torch.Generator().manual_seed(seed)
+    skipped = 0
+    for _ in range(64):
+        hits = torch.nonzero(torch.rand(chunk, generator=search) == value)
+        if len(hits):
+            skipped += int(hits[0])
+            break
+        skipped += chunk
+    else:
+        raise AssertionError(f"no uniform equal to {value} in the first {64 * chunk} draws")
+    generator = torch.Generator().manual_seed(seed)
+    torch.rand(skipped, generator=generator)
+    return generator
+
+
+def first_class_above(cdf_row: torch.Tensor, threshold: float) -> int:
+    return next(j for j, c in enumerate(cdf_row.tolist()) if c > threshold)
+
+
+# ------------------------------------------------------------------------ known uniforms
+def test_inverse_cdf_picks_the_first_class_whose_cumulative_sum_exceeds_u():
+    g = torch.Generator().manual_seed(1)
+    weights = torch.rand(500, 6, generator=g)
+    weights[weights < 0.3] = 0.0  # zero-probability classes anywhere in a row
+    weights[:, 2] += 0.01  # no row without mass
+    probs = weights / weights.sum(-1, keepdim=True)
+    u = coming_uniforms(g, len(probs))
+    drawn = sample_categorical(probs, g, "inverse_cdf")
+    cdf = probs.cumsum(-1)
+    expected = [first_class_above(cdf[i], float(u[i] * cdf[i, -1])) for i in range(len(probs))]
+    assert drawn.shape == (len(probs), 1)
+    assert drawn[:, 0].tolist() == expected
+    assert bool((probs.gather(1, drawn) > 0).all())
+
+
+def test_u_equal_to_a_cumulative_sum_takes_the_next_class_with_mass():
+    """Rows (u, 0, 1 − u): u·total equals the first two cumulative sums exactly."""
+    g = torch.Generator().manual_seed(2)
+    u = coming_uniforms(g, 400)[:, 0]
+    probs = torch.stack([u, torch.zeros_like(u), 1 - u], dim=1)
+    cdf = probs.cumsum(-1)
+    exact = (u * cdf[:, -1] == cdf[:, 0]) & (cdf[:, 0] == cdf[:, 1])
+    assert int(exact.sum()) > 300  # the premise: most rows hit the boundary exactly
+    drawn = sample_categorical(probs, g, "inverse_cdf")[:, 0]
+    assert drawn[exact].tolist() == [2] * int(exact.sum())
+
+
+def test_u_zero_skips_leading_zero_probability_classes():
+    g = generator_before(0.0)
+    assert float(coming_uniforms(g, 1)) == 0.0
+    probs = torch.tensor([[0.0, 0.0, 0.25, 0.75]])
+    assert sample_categorical(probs, g, "inverse_cdf").item() == 2
+
+
+def test_u_just_below_one_never_reaches_trailing_zero_probability_classes():
+    g = generator_before(LARGEST_U)
+    assert float(coming_uniforms(g, 1)) == LARGEST_U
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    assert sample_categorical(probs, g, "inverse_cdf").item() == 1
+
+
+def test_a_row_without_mass_gives_the_last_class_not_an_index_past_it():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    drawn = sample_categorical(probs, g, "inverse_cdf")[:, 0]
+    assert drawn[0].item() == 2
+    assert 0 <= drawn[1].item() <= 2
+
+
+def test_sharded_draws_are_the_slices_of_the_global_draw():
+    """A rank of a data-parallel run draws what one process draws for the global batch."""
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(12, 5, generator=g), -1)
+    whole = sample_categorical(probs, torch.Generator().manual_seed(9), "inverse_cdf")
+    for rank in range(3):
+        rows = probs[rank * 4 : (rank + 1) * 4]
+        part = sample_categorical(rows, torch.Generator().manual_seed(9), "inverse_cdf", (rank, 3))
+        assert torch.equal(part, whole[rank * 4 : (rank + 1) * 4])
+
+
+def test_multinomial_sampler_makes_torch_multinomials_draws():
+    probs = torch.softmax(torch.randn(50, 7, generator=torch.Generator().manual_seed(5)), -1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(6))
+    drawn = sample_categorical(probs, torch.Generator().manual_seed(6), "multinomial")
+    assert torch.equal(drawn, expected)
+
+
+def test_unknown_sampler_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="sampler='gumbel' is not one of multinomial, inverse_cdf"):
+        sample_categorical(torch.ones(1, 2) / 2, torch.Generator(), "gumbel")
+
+
+# --------------------------------------------------------------------------- frequencies
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_frequencies_match_the_probabilities(sampler):
+    """Chi-square goodness of fit per row, fixed seed, generous bound; zeros never drawn."""
+    probs = torch.tensor(
+        [
+            [0.0, 0.1, 0.0, 0.6, 0.3, 0.0],
+            [0.5, 0.0, 0.0, 0.0, 0.0, 0.5],
+            [0.05, 0.15, 0.2, 0.25, 0.35, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        ]
+    )
+    draws = 20000
+    g = torch.Generator().manual_seed(7)
+    drawn = sample_categorical(probs.repeat(draws, 1), g, sampler).reshape(draws, len(probs))
+    for row, p in enumerate(probs):
+        counts = torch.bincount(drawn[:, row], minlength=p.numel()).double()
+        assert bool((counts[p == 0] == 0).all()), (row, counts)
+        support = p > 0
+        if int(support.sum()) > 1:
+            expected = p[support].double() / p[support].double().sum() * draws
+            result = stats.chisquare(counts[support].numpy(), expected.numpy())
+            assert result.pvalue > 1e-4, (row, counts, result)
+
+
+# --------------------------------------------------------------------------- v itself
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cross_entropy_v_is_softmax_minus_the_drawn_one_hot(sampler):
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(10, 4, generator=g)
+    targets = torch.randint(0, 4, (10,), generator=g)
+    targets[[1, 6]] = -100
+    probs = torch.softmax(logits, -1)
+    labels = sample_categorical(probs, copy_of(g), sampler)[:, 0]
+    v = aux_vector("cross_entropy", logits, targets, g, sampler=sampler)
+    expected = probs - torch.nn.functional.one_hot(labels, 4).float()
+    expected[[1, 6]] = 0.0  # ignored targets carry no curvature
+    torch.testing.assert_close(v, expected)
+
+
+def test_mse_v_is_a_scaled_rademacher_vector():
+    """v = ±sqrt(2/q): the Hessian diagonal of MSELoss(mean) over q outputs, random signs."""
+    g = torch.Generator().manual_seed(9)
+    outputs = torch.randn(4000, 3)
+    v = aux_vector("mse", outputs, torch.zeros(4000, 3), g)
+    assert bool((v.abs() == math.sqrt(2.0 / 3)).all())
+    positive = int((v > 0).sum())
+    assert stats.binomtest(positive, v.numel(), 0.5).pvalue > 1e-4
