@@ -16,8 +16,8 @@ loss itself (as the trainer computes it), the draw of v and the count N of loss 
 Cross-entropy draws a label per loss term from softmax(z) with one of two samplers (SAMPLERS),
 the same distribution by two algorithms:
     "inverse_cdf"   (the default) one uniform variate per term, located in the row's
-                    cumulative sum (searchsorted), a block of rows at a time so that no second
-                    vocabulary-sized buffer exists. Exactly Categorical(softmax(z)) up to
+                    cumulative sum, located in two levels (blocks of classes, then the class in
+                    its block) so that no second vocabulary-sized buffer exists. Exactly Categorical(softmax(z)) up to
                     float32 rounding of the cumulative sum; an order of magnitude cheaper than
                     multinomial for large vocabularies, and the only sampler whose draws a
                     data-parallel run can slice by rank (see shard_of).
@@ -46,9 +46,11 @@ __all__ = [
     "SAMPLERS",
     "LossRule",
     "aux_grad_outputs",
+    "aux_grad_outputs_from_loss_gradient",
     "aux_loss",
     "aux_vector",
     "get_loss_rule",
+    "is_mean_cross_entropy",
     "num_loss_terms",
     "per_example_curvature",
 ]
@@ -65,9 +67,8 @@ class LossRule:
 
 
 SAMPLERS = ("multinomial", "inverse_cdf")
-#: Elements of one block of cumulative sums in the inverse-CDF sampler (1 MiB of float32):
-#: small enough to stay in cache, large enough that the Python loop over blocks costs nothing.
-_CDF_BLOCK = 1 << 18
+#: Classes per block of the inverse-CDF sampler's first level (see _inverse_cdf).
+_BLOCK = 64
 
 
 def check_sampler(sampler: str) -> None:
@@ -95,7 +96,7 @@ def shard_of(
 def sample_categorical(
     probs: Tensor, generator: torch.Generator, sampler: str, shard: tuple[int, int] = (0, 1)
 ) -> Tensor:
-    """One class index per row of ``probs`` (rows summing to 1), shape (rows, 1).
+    """One class index per row of ``probs`` (non-negative rows, any total), shape (rows, 1).
 
     ``shard`` (rank, ranks) draws the global batch's uniforms and keeps this rank's rows; only
     the inverse-CDF sampler can do that (multinomial's draws depend on the other rows' data).
@@ -103,26 +104,49 @@ def sample_categorical(
     if sampler == "multinomial":
         return torch.multinomial(probs, 1, generator=generator)
     check_sampler(sampler)
-    rows, classes = probs.shape
     u = shard_of(
-        (rows, 1),
+        (probs.shape[0], 1),
         shard,
         lambda shape: torch.rand(
             shape, generator=generator, device=probs.device, dtype=probs.dtype
         ),
     )
-    sampled = torch.empty((rows, 1), dtype=torch.long, device=probs.device)
-    # Rows are independent, so blocks of rows give the draws of one full cumulative sum
-    # without its vocabulary-sized buffer.
-    block = max(1, _CDF_BLOCK // max(classes, 1))
-    for lo in range(0, rows, block):
-        cdf = probs[lo : lo + block].cumsum(dim=-1)
-        # The first class whose cumulative probability exceeds u·total: classes of
-        # probability 0 are never chosen; the clamp only catches u·total rounding up.
-        torch.searchsorted(
-            cdf, u[lo : lo + block].mul_(cdf[:, -1:]), right=True, out=sampled[lo : lo + block]
-        )
-    return sampled.clamp_(max=classes - 1)
+    return _inverse_cdf(probs, u)
+
+
+def _below(total: Tensor) -> Tensor:
+    """The largest float below each entry (0 stays 0): a target that stays inside its row."""
+    return torch.nextafter(total, torch.zeros_like(total))
+
+
+def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """The first class whose cumulative probability exceeds u·total, in two levels.
+
+    A row's cumulative sum is a sequential scan, as slow as the backward of a language model's
+    head on a CPU; block sums are one vectorised pass. The block holding u·total is found in
+    the cumulative sum of the block sums, the class in that block's own cumulative sum. The
+    targets are kept strictly below each level's total, so a class of probability 0 is never
+    chosen, whatever the rounding of either sum.
+    """
+    rows, classes = probs.shape
+    width = _BLOCK
+    blocks = -(-classes // width)
+    whole = classes // width
+    sums = probs.new_empty((rows, blocks))
+    if whole:
+        sums[:, :whole] = probs[:, : whole * width].unflatten(1, (whole, width)).sum(-1)
+    if whole < blocks:
+        sums[:, whole] = probs[:, whole * width :].sum(-1)
+    cdf = sums.cumsum_(-1)
+    target = torch.minimum(u * cdf[:, -1:], _below(cdf[:, -1:]))
+    block = torch.searchsorted(cdf, target, right=True).clamp_(max=blocks - 1)
+    before = cdf.gather(1, (block - 1).clamp_(min=0)).mul_(block > 0)
+    columns = block * width + torch.arange(width, device=probs.device)
+    inside = probs.gather(1, columns.clamp(max=classes - 1)).mul_(columns < classes)
+    inner = inside.cumsum_(-1)
+    rest = torch.minimum(target.sub_(before).clamp_(min=0), _below(inner[:, -1:]))
+    sampled = torch.searchsorted(inner, rest, right=True).clamp_(max=width - 1)
+    return sampled.add_(block * width).clamp_(max=classes - 1)
 
 
 def _cross_entropy_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -152,12 +176,25 @@ def _cross_entropy_v(
     num_classes = outputs.shape[-1]
     # The softmax buffer becomes v in place: for a language model's logits every extra
     # buffer of this size is a large share of the step's time and peak memory.
-    v = torch.softmax(outputs.detach().reshape(-1, num_classes), dim=-1, dtype=torch.float32)
-    sampled = sample_categorical(v, generator, sampler, shard)
-    v.scatter_add_(1, sampled, torch.full_like(sampled, -1.0, dtype=v.dtype))
-    # The ignore mask and the scale in one pass over v.
-    v.mul_((targets.reshape(-1, 1) != ignore_index).to(v.dtype).mul_(scale))
+    probs = torch.softmax(outputs.reshape(-1, num_classes), dim=-1, dtype=torch.float32)
+    v = _v_from_probs(probs, targets, generator, ignore_index, sampler, shard, scale)
     return v.reshape(outputs.shape).to(outputs.dtype)
+
+
+def _v_from_probs(
+    probs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    ignore_index: int,
+    sampler: str,
+    shard: tuple[int, int],
+    scale: float,
+) -> Tensor:
+    """scale·(probs − onehot(ĉ)), ĉ drawn from each row, 0 on ignored rows; in place."""
+    sampled = sample_categorical(probs, generator, sampler, shard)
+    probs.scatter_add_(1, sampled, torch.full_like(sampled, -1.0, dtype=probs.dtype))
+    # The ignore mask and the scale in one pass over v.
+    return probs.mul_((targets.reshape(-1, 1) != ignore_index).to(probs.dtype).mul_(scale))
 
 
 def _mse_loss(outputs: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -259,6 +296,63 @@ def aux_grad_outputs(
     n = max(rule.num_terms(outputs, targets, ignore_index), 1)
     v = rule.draw_v(outputs.detach(), targets, generator, ignore_index, sampler, shard, 1.0 / n)
     return v, n
+
+
+_VIEWS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
+
+
+def is_mean_cross_entropy(loss: Tensor, outputs: Tensor, ignore_index: int) -> bool:
+    """Whether ``loss``'s graph is exactly the mean cross-entropy of ``outputs``.
+
+    That is F.cross_entropy(outputs viewed as (rows, classes), targets, ignore_index) with no
+    class weights, label smoothing or other term: nll(log_softmax(view(outputs))), mean.
+    Its gradient with respect to ``outputs`` is then mask·(p − onehot(y))/N, from which
+    :func:`aux_grad_outputs_from_loss_gradient` recovers p without a softmax.
+    """
+    node = loss.grad_fn
+    if type(node).__name__ != "NllLossBackward0" or outputs.grad_fn is None:
+        return False
+    saved_index = int(node._saved_ignore_index)
+    if saved_index >= 2**63:  # stored as an unsigned 64-bit integer
+        saved_index -= 2**64
+    if node._saved_reduction != 1 or node._saved_weight is not None or saved_index != ignore_index:
+        return False
+    node = node.next_functions[0][0]
+    if type(node).__name__ != "LogSoftmaxBackward0":
+        return False
+    if node._saved_dim not in (-1, node._saved_result.dim() - 1):
+        return False
+    node = node.next_functions[0][0]
+    while type(node).__name__ in _VIEWS and node is not outputs.grad_fn:
+        node = node.next_functions[0][0]
+    return node is outputs.grad_fn
+
+
+def aux_grad_outputs_from_loss_gradient(
+    loss_grad: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    *,
+    ignore_index: int = -100,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[Tensor, int]:
+    """v/N and N from G = ∂loss/∂outputs of the mean cross-entropy, overwriting G.
+
+    G = mask·(p − onehot(y))/N, so p = N·G + onehot(y) on kept rows: the softmax the loss's
+    backward already computed, recovered in one pass instead of recomputed. The labels are
+    drawn by the inverse-CDF sampler, the same uniforms as :func:`aux_grad_outputs` (the
+    draws agree up to the rounding of p). Only valid when :func:`is_mean_cross_entropy`
+    holds for the loss that produced G.
+    """
+    num_classes = loss_grad.shape[-1]
+    loss_grad = loss_grad.contiguous()
+    probs = loss_grad.view(-1, num_classes)
+    labels = targets.reshape(-1, 1)
+    keep = labels != ignore_index
+    n = max(int(keep.sum().item()), 1)
+    probs.mul_(n).scatter_add_(1, labels.where(keep, 0), keep.to(probs.dtype))
+    _v_from_probs(probs, targets, generator, ignore_index, "inverse_cdf", shard, 1.0 / n)
+    return loss_grad, n
 
 
 def aux_loss(

@@ -1,8 +1,10 @@
 """The faster paths of the optimizers against the plain ones they replace.
 
 - LEHI(compile=True), the torch.compile'd step, against the eager single-tensor step.
-- The auxiliary-pass-first order of ``optimizer.backward`` (LEHI, Sophia) against an
-  independent computation of g and h from two separate graphs.
+- The orders of ``optimizer.backward`` (LEHI, Sophia) against an independent computation of
+  g and h from two separate graphs.
+- v built from the mean cross-entropy's own gradient against v built from a fresh softmax,
+  and the recognition of the losses for which that is valid.
 - The inverse-CDF label sampler against the distribution it must draw from.
 """
 
@@ -15,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lehi.curvature import aux_loss, aux_vector, sample_categorical
+from lehi.curvature import (
+    aux_grad_outputs,
+    aux_grad_outputs_from_loss_gradient,
+    aux_loss,
+    aux_vector,
+    is_mean_cross_entropy,
+    sample_categorical,
+)
 from lehi.optim import LEHI, LEHIBrid, SophiaG, backward
 
 
@@ -87,16 +96,26 @@ def test_compile_must_be_a_bool():
 
 
 @pytest.mark.parametrize("cls", [LEHI, SophiaG])
-def test_auxiliary_pass_first_gives_the_same_g_and_h(cls):
-    """backward() runs the auxiliary pass before the ordinary one; g and h are unchanged."""
+@pytest.mark.parametrize("order", ["reuse_loss_gradient", "auxiliary_first", "multinomial"])
+def test_every_backward_order_gives_the_same_g_and_h(cls, order):
+    """The ordinary backward first (v from its gradient) or the auxiliary pass first (a loss
+    the optimizer does not recognise, here 2·CE/2), or multinomial draws: g and h as from
+    two separate graphs."""
     model = mlp()
     x, y = batches(1)[0]
-    opt = cls(model.parameters(), betas=(0.9, 0.0), seed=9)
+    sampler = "multinomial" if order == "multinomial" else "inverse_cdf"
+    opt = cls(model.parameters(), betas=(0.9, 0.0), seed=9, sampler=sampler)
     out = model(x)
-    opt.backward(F.cross_entropy(out, y), out, y)
+    loss = F.cross_entropy(out, y)
+    if order == "auxiliary_first":
+        loss = (2 * loss) / 2
+    assert is_mean_cross_entropy(loss, out, -100) == (order != "auxiliary_first")
+    opt.backward(loss, out, y)
     params = list(model.parameters())
     expected_g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    aux, _ = aux_loss("cross_entropy", model(x), y, torch.Generator().manual_seed(9))
+    aux, _ = aux_loss(
+        "cross_entropy", model(x), y, torch.Generator().manual_seed(9), sampler=sampler
+    )
     expected_a = torch.autograd.grad(aux, params)
     if cls is SophiaG:  # the official loop clips ĝ to norm 1 before it enters the EMA
         norm = torch.linalg.vector_norm(torch.stack([a.norm() for a in expected_a]))
@@ -105,6 +124,46 @@ def test_auxiliary_pass_first_gives_the_same_g_and_h(cls):
     for p, g, a in zip(params, expected_g, expected_a):
         torch.testing.assert_close(p.grad, g)
         torch.testing.assert_close(opt.state[p][key], a.square())
+
+
+def test_v_from_the_loss_gradient_equals_v_from_a_fresh_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 300, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 7), generator=g)
+    targets[1, :3] = -100
+    out = logits * 1.0
+    loss = F.cross_entropy(out.reshape(-1, 300), targets.reshape(-1))
+    captured = []
+    out.register_hook(captured.append)
+    loss.backward()
+    expected, n = aux_grad_outputs("cross_entropy", out, targets, torch.Generator().manual_seed(5))
+    v, m = aux_grad_outputs_from_loss_gradient(
+        captured[0], targets, torch.Generator().manual_seed(5)
+    )
+    assert (m, n) == (18, 18)
+    assert v.shape == out.shape
+    torch.testing.assert_close(v, expected, atol=1e-7, rtol=0)
+    assert torch.all(v[1, :3] == 0)
+
+
+def test_only_the_plain_mean_cross_entropy_is_recognised():
+    out = torch.randn(4, 6, requires_grad=True) * 1.0
+    y = torch.randint(0, 6, (4,))
+    assert is_mean_cross_entropy(F.cross_entropy(out, y), out, -100)
+    assert is_mean_cross_entropy(F.cross_entropy(out, y, ignore_index=2), out, 2)
+    other = torch.randn(4, 6, requires_grad=True) * 1.0
+    refused = [
+        (F.cross_entropy(out, y, ignore_index=2), -100),
+        (F.cross_entropy(out, y, reduction="sum"), -100),
+        (F.cross_entropy(out, y, label_smoothing=0.1), -100),
+        (F.cross_entropy(out, y, weight=torch.ones(6)), -100),
+        (F.cross_entropy(out, y) + out.square().mean(), -100),
+        (F.cross_entropy(out, y) / 2, -100),
+        (F.cross_entropy(other, y), -100),
+        (F.cross_entropy(out * 2, y), -100),
+    ]
+    for loss, ignore_index in refused:
+        assert not is_mean_cross_entropy(loss, out, ignore_index)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -119,6 +178,26 @@ def test_inverse_cdf_sampler_draws_the_softmax_categorical():
         sigma = (p.double() * (1 - p.double()) / draws).sqrt()
         assert torch.all((freq - p.double()).abs() <= 5 * sigma + 1e-12), (r, freq, p)
         assert torch.all(freq[p == 0] == 0)  # a class of probability 0 is never drawn
+
+
+@pytest.mark.parametrize("classes", [64, 150, 1000])
+def test_two_level_inverse_cdf_across_blocks_and_zero_classes(classes):
+    """Rows spanning several 64-class blocks (and a partial last block), with zero classes."""
+    g = torch.Generator().manual_seed(classes)
+    probs = torch.rand(3, classes, generator=g) ** 4
+    probs[0, ::3] = 0.0  # zero classes scattered through every block
+    probs[1, :] = 0.0
+    probs[1, classes - 1] = 2.0  # all the mass in the very last class, unnormalised
+    probs[2, 64:] = 0.0  # all the mass in the first block
+    draws = 20000
+    sampled = sample_categorical(probs.repeat(draws, 1), g, "inverse_cdf").reshape(draws, 3)
+    for r, row in enumerate(probs):
+        p = row.double() / row.double().sum()
+        counts = torch.bincount(sampled[:, r], minlength=classes).double()
+        expected = draws * p
+        # 5 σ, plus 3 draws for classes expected far less than once (Poisson tails).
+        assert torch.all((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 3), r
+        assert torch.all(counts[p == 0] == 0)
 
 
 @pytest.mark.parametrize("sampler", ["multinomial", "inverse_cdf"])

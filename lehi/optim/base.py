@@ -4,9 +4,13 @@ A curvature-aware optimizer (LEHI, LEHIBrid, SophiaG) replaces ``loss.backward()
 loop by ``optimizer.backward(loss, outputs, targets)``. On steps that refresh the curvature it
 runs two backward passes through the same graph: the ordinary one and one of the auxiliary
 loss (1/N) Σ_n v_n · z_n (lehi.curvature), entered as the outputs' gradient v/N. The model is
-never run twice. The auxiliary pass goes first (graph retained) unless the fold reads the
-ordinary gradient (LEHIBrid, LEHI's max_grad warm-up) or a data-parallel trainer averages
-gradients; the first pass keeps the graph alive, so whichever pass comes second frees it.
+never run twice. The first pass keeps the graph alive, so whichever pass comes second frees
+it. The ordinary backward goes first when the loss is exactly the mean cross-entropy of the
+outputs and labels are drawn by the inverse-CDF sampler (its gradient at the outputs then
+holds the softmax, which v reuses instead of recomputing: lehi.curvature), when the fold
+reads the ordinary gradient (LEHIBrid, LEHI's max_grad warm-up) and when a data-parallel
+trainer averages gradients. Otherwise the auxiliary pass goes first, so that it never
+coexists with a full set of ordinary gradients.
 
 A subclass supplies one fold hook, :meth:`CurvatureOptimizer._fold`, which receives auxiliary
 gradients a (h = a⊙a) and adds them to its state. The base calls it one parameter at a time
@@ -32,8 +36,10 @@ from torch.optim import Optimizer
 
 from lehi.curvature import (
     aux_grad_outputs,
+    aux_grad_outputs_from_loss_gradient,
     check_sampler,
     get_loss_rule,
+    is_mean_cross_entropy,
     num_loss_terms,
     per_example_curvature,
 )
@@ -289,26 +295,54 @@ class CurvatureOptimizer(Optimizer):
             self._accumulate(loss, outputs, targets, generator, params, micro_batch)
             return
         self._refreshed = set()
+        reuse = self._reuses_loss_gradient(loss, outputs)
         if self.estimator == "per_example":
             loss.backward()
             self._per_example_pass(params, model, inputs, outputs, targets, generator)
-        elif self._fold_reads_gradient() or self._reduce_mean is not None:
+        elif reuse or self._fold_reads_gradient() or self._reduce_mean is not None:
             # DistributedDataParallel ties its gradient averaging to the first backward after
             # the forward, so under a data-parallel trainer the ordinary backward comes first.
-            loss.backward(retain_graph=True)
-            self._auxiliary_pass(outputs, targets, generator, params, retain_graph=False)
+            captured: list[Tensor] = []
+            hook = outputs.register_hook(captured.append) if reuse else None
+            try:
+                loss.backward(retain_graph=True)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            loss_grad = captured[0] if captured else None
+            self._auxiliary_pass(
+                outputs, targets, generator, params, retain_graph=False, loss_grad=loss_grad
+            )
         else:
             self._auxiliary_pass(outputs, targets, generator, params, retain_graph=True)
             loss.backward()
         self._finish_refresh()
+
+    def _reuses_loss_gradient(self, loss: Tensor, outputs: Tensor) -> bool:
+        """Whether v can be built from the ordinary backward's gradient at the outputs."""
+        return (
+            self.loss_name == "cross_entropy"
+            and self.sampler == "inverse_cdf"
+            and self.estimator == "sampled"
+            and (self.first_refresh_draws == 1 or self.curvature_passes > 0)
+            and is_mean_cross_entropy(loss, outputs, self.ignore_index)
+        )
 
     def _finish_refresh(self) -> None:
         self.curvature_passes += 1
         self._curvature_ready_at = self.steps_taken()
 
     def _grad_outputs(
-        self, outputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator,
+        loss_grad: Tensor | None = None,
     ) -> tuple[Tensor, int]:
+        if loss_grad is not None:
+            return aux_grad_outputs_from_loss_gradient(
+                loss_grad, targets, generator, ignore_index=self.ignore_index, shard=self._shard
+            )
         return aux_grad_outputs(
             self.loss_name,
             outputs,
@@ -336,10 +370,12 @@ class CurvatureOptimizer(Optimizer):
         params: list[Tensor],
         *,
         retain_graph: bool,
+        loss_grad: Tensor | None = None,
     ) -> None:
+        """∇L_aux folded into the state; ``loss_grad``: ∂loss/∂outputs to build v from."""
         draws = self.first_refresh_draws if self.curvature_passes == 0 else 1
         if draws == 1 and self._reduce_mean is None and not self._fold_needs_every_grad():
-            v, n = self._grad_outputs(outputs, targets, generator)
+            v, n = self._grad_outputs(outputs, targets, generator, loss_grad)
             self.num_loss_terms = n
             group_of = self._group_of()
             hooks = [p.register_hook(partial(self._fold_hook, p, group_of[p], n)) for p in params]
@@ -352,7 +388,8 @@ class CurvatureOptimizer(Optimizer):
         # Several draws: h is the mean of the draws' a⊙a, handed to the fold as its root.
         total: list[Tensor | None] | None = None
         for draw in range(draws):
-            v, n = self._grad_outputs(outputs, targets, generator)
+            v, n = self._grad_outputs(outputs, targets, generator, loss_grad)
+            loss_grad = None
             last = draw == draws - 1
             grads = self._aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
             del v
