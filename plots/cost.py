@@ -46,6 +46,13 @@ def _bars(ax, rows: pd.DataFrame, values: str, low: np.ndarray, high: np.ndarray
     ax.tick_params(axis="x", labelrotation=30)
 
 
+def _not_reached(ax, values: np.ndarray) -> None:
+    for x, value in enumerate(values):
+        if not np.isfinite(value):
+            ax.annotate("not\nreached", (x, 0), xytext=(0, 3), ha="center",
+                        textcoords="offset points", fontsize="x-small")  # fmt: skip
+
+
 def figure(results: Results, exp: dict[str, str]) -> Figure:
     """Bar charts of one experiment: steps to target, ms per step, time to target."""
     rows = select_experiment(results.best, exp)
@@ -54,10 +61,7 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     steps_ax, ms_ax, time_ax = fig.subplots(1, 3)
     std = rows["steps_to_target_std"].to_numpy(float)
     _bars(steps_ax, rows, "steps_to_target_mean", std, std)
-    for x, value in enumerate(rows["steps_to_target_mean"].to_numpy(float)):
-        if not np.isfinite(value):
-            steps_ax.annotate("not\nreached", (x, 0), xytext=(0, 3), ha="center",
-                              textcoords="offset points", fontsize="x-small")  # fmt: skip
+    _not_reached(steps_ax, rows["steps_to_target_mean"].to_numpy(float))
     steps_ax.set_ylabel("steps to target (optimizer updates)")
     steps_ax.set_title("steps to target at best LR\n(mean ± std over seeds, from the runs)",
                        fontsize="small")  # fmt: skip
@@ -67,15 +71,17 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     else:
         ms = rows["ms_per_step"].to_numpy(float)
         _bars(ms_ax, rows, "ms_per_step", ms - rows["ms_per_step_q1"], rows["ms_per_step_q3"] - ms)
-        for x, (value, over) in enumerate(zip(ms, rows["overhead_pct"], strict=True)):
-            if np.isfinite(value) and np.isfinite(over):
-                ms_ax.annotate(f"{over:+.0f} %", (x, value), xytext=(0, 6), ha="center",
+        tops = rows["ms_per_step_q3"].to_numpy(float)  # above the error bar
+        for x, (top, over) in enumerate(zip(tops, rows["overhead_pct"], strict=True)):
+            if np.isfinite(top) and np.isfinite(over):
+                ms_ax.annotate(f"{over:+.0f} %", (x, top), xytext=(0, 3), ha="center",
                                textcoords="offset points", fontsize="small")  # fmt: skip
         ms_ax.set_ylabel("time per step (ms)")
         ms_ax.set_title(f"per-step cost measured side by side\n({measured_on}; "
                         "median, q1–q3; % vs Adam)", fontsize="small")  # fmt: skip
         std = rows["time_to_target_std"].to_numpy(float)
         _bars(time_ax, rows, "time_to_target_mean", std, std)
+        _not_reached(time_ax, rows["time_to_target_mean"].to_numpy(float))
         time_ax.set_ylabel("time to target (s)")
         time_ax.set_title("time to target = steps × side-by-side step cost", fontsize="small")
     fig.suptitle(f"Cost to target: {experiment_heading(**exp)}", fontsize="medium")
