@@ -55,7 +55,10 @@ ROSTER: tuple[Entry, ...] = (
 REFERENCE = "adam"
 NEUTRAL_COLOR = "#7F7F7F"
 
-_BY_NAME = {e.name: e for e in ROSTER}
+
+def _by_name() -> dict[str, Entry]:
+    # Built on each call (five entries) so that a test may extend ROSTER with monkeypatch.
+    return {e.name: e for e in ROSTER}
 
 
 def names() -> list[str]:
@@ -65,7 +68,7 @@ def names() -> list[str]:
 
 def entry(name: str) -> Entry:
     """The roster entry of ``name``; an unknown name gets a neutral entry (role candidate)."""
-    known = _BY_NAME.get(name)
+    known = _by_name().get(name)
     if known is not None:
         return known
     return Entry(name, name, NEUTRAL_COLOR, "candidate", len(ROSTER))
@@ -86,8 +89,9 @@ def display_label(label: str, name: str | None = None) -> str:
 
     ``name`` is the run's ``optimizer.name`` (None: assume it equals ``label``).
     """
-    if name in (None, label) and label in _BY_NAME:
-        return _BY_NAME[label].label
+    known = _by_name()
+    if name in (None, label) and label in known:
+        return known[label].label
     return label
 
 

@@ -522,3 +522,19 @@ def test_step_cost_benchmark_writes_what_collect_reads(tmp_path: Path) -> None:
     assert data["optimizers"]["adam"]["curvature_passes_per_step"] == 0
     assert data["optimizers"]["lehi"]["curvature_passes_per_step"] == 1  # hessian_every: 1
     assert f"wrote {out}" in proc.stdout
+
+
+def test_a_roster_entry_sets_role_order_and_colour(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # adding an optimizer = its module, its config and one roster entry: here a baseline
+    toy = roster.Entry("toy_sgd", "Toy SGD", "#123456", "baseline", -1)
+    monkeypatch.setattr(roster, "ROSTER", (*roster.ROSTER, toy))
+    for seed, base in enumerate((0.55, 0.56, 0.57)):
+        relabel(write_run(tree, "toy_sgd", 1e-3, seed, base), "toy_sgd", "toy_sgd")
+    res = R.collect(tree)
+    assert res.best["optimizer"].iloc[0] == "toy_sgd"  # order -1: first
+    pairs = set(map(tuple, res.significance[["optimizer", "baseline"]].to_numpy()))
+    assert {("lehi", "toy_sgd"), ("lehibrid", "toy_sgd")} <= pairs
+    assert "| Toy SGD | 0.001 |" in R.render_markdown(res)
+    assert roster.color("toy_sgd") == "#123456"

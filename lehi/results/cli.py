@@ -32,7 +32,9 @@ def parse_target(text: str) -> tuple[str, float]:
 
 def _summary(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lehi.results", description="Write the results summary (CSV + Markdown)."
+        prog="python -m lehi.results",
+        description="Write the results summary (CSV + Markdown).",
+        epilog="Provenance: python -m lehi.results check [--root results]",
     )
     parser.add_argument("--root", default="results", help="results tree (default: results)")
     parser.add_argument(
