@@ -98,6 +98,10 @@ class Options:
     scale_by_batch: bool = False
     eps_inside_sqrt: bool = False
     bias_correction: bool = True
+    curvature_warmup: str = "none"
+    warmup_length: int = 10
+    h_floor: float = 0.0
+    update_clip: float | None = None
     hybrid: str | None = None  # None: LEHI; max | sum | mix: LEHIBrid
     mix_weight: float = 0.5
     rho: float | None = None  # not None: SophiaG
@@ -123,6 +127,10 @@ class Options:
             scale_by_batch=self.scale_by_batch,
             eps_inside_sqrt=self.eps_inside_sqrt,
             bias_correction=self.bias_correction,
+            curvature_warmup=self.curvature_warmup,
+            warmup_length=self.warmup_length,
+            h_floor=self.h_floor,
+            update_clip=self.update_clip,
         )
         if self.hybrid is not None:
             kw.update(hybrid=self.hybrid, mix_weight=self.mix_weight)
@@ -146,17 +154,20 @@ class Pass:
     norms: list[float] = field(default_factory=list)
 
 
-def gradients(model: nn.Module, loss: str, step: Step, estimator: str, gen, refresh: bool):
+def gradients(
+    model: nn.Module, loss: str, step: Step, estimator: str, gen, refresh: bool, draws: int = 1
+):
     """g = ∇f of the step's batch and, on refresh steps, a = ∇L_aux with its N.
 
     With k micro-batches each loss and each L_aux is divided by k (as the trainer does), and
-    N is the number of loss terms of the whole step.
+    N is the number of loss terms of the whole step. ``draws`` > 1 (one batch only): a holds
+    the root of the mean of the draws' a⊙a, so that h = a⊙a is that mean.
     """
     params = list(model.parameters())
     k = len(step)
     out = Pass(g=[torch.zeros_like(p) for p in params])
-    draws = refresh and estimator != "squared_gradient"
-    if draws:
+    drawing = refresh and estimator != "squared_gradient"
+    if drawing:
         out.a = [torch.zeros_like(p) for p in params]
         out.per_example_h = [torch.zeros_like(p) for p in params]
     for x, y in step:
@@ -165,11 +176,19 @@ def gradients(model: nn.Module, loss: str, step: Step, estimator: str, gen, refr
             out.g, torch.autograd.grad(loss_of(loss, z, y) / k, params, retain_graph=True)
         ):
             acc += gi
-        if not draws:
+        if not drawing:
             continue
-        v = draw_v(loss, z, y, gen)
         n = max(terms(loss, y), 1)
         out.n += n
+        if draws > 1:
+            squares = [torch.zeros_like(p) for p in params]
+            for _ in range(draws):
+                aux = (draw_v(loss, z, y, gen) * z).sum() / n
+                for acc, ai in zip(squares, torch.autograd.grad(aux, params, retain_graph=True)):
+                    acc += ai.square() / draws
+            out.a = [sq.sqrt() for sq in squares]
+            continue
+        v = draw_v(loss, z, y, gen)
         aux = (v * z).sum() / n  # L_aux = (1/N) Σ_n v_n · z_n
         for acc, ai in zip(out.a, torch.autograd.grad(aux / k, params)):
             acc += ai
@@ -198,17 +217,29 @@ def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -
     r = 0
     for t, step in enumerate(steps, start=1):
         refresh = (t - 1) % o.hessian_every == 0  # t ≡ 1 mod k
-        b = gradients(model, loss, step, o.estimator, gen, refresh)
+        warming = r < o.warmup_length  # the coming refresh is one of the first L
+        from_gradient = o.estimator == "squared_gradient" or (
+            o.curvature_warmup == "grad" and warming
+        )
+        draws = o.warmup_length if o.curvature_warmup == "draws" and r == 0 else 1
+        estimator = "squared_gradient" if from_gradient else o.estimator
+        b = gradients(model, loss, step, estimator, gen, refresh, draws)
+        if from_gradient and refresh:
+            b.n = sum(terms(loss, y) for _, y in step)
         with torch.no_grad():
             if refresh:
                 r += 1
                 for i in range(len(params)):
-                    if o.estimator == "squared_gradient":
+                    if from_gradient:
                         h = b.g[i] * b.g[i]
                     elif o.estimator == "per_example":
                         h = b.per_example_h[i]
                     else:
                         h = b.a[i] * b.a[i]
+                    if o.h_floor and not from_gradient:  # h ← max(h, f·mean(h)), per tensor
+                        h = torch.maximum(h, o.h_floor * h.mean())
+                    if o.curvature_warmup == "max_grad" and warming:
+                        h = torch.maximum(h, b.g[i] * b.g[i])
                     if o.hybrid == "max":
                         h = torch.maximum(b.g[i] * b.g[i], h)
                     elif o.hybrid == "sum":
@@ -227,7 +258,10 @@ def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -
                     denom = torch.sqrt(v_hat + o.eps)
                 else:
                     denom = torch.sqrt(v_hat) + o.eps
-                p -= o.lr * m_hat / denom
+                u = m_hat / denom
+                if o.update_clip is not None:
+                    u = torch.clamp(u, -o.update_clip, o.update_clip)
+                p -= o.lr * u
     return [p.detach() for p in params]
 
 
@@ -331,7 +365,7 @@ CASES = {
         Options(hessian_every=2, estimator="squared_gradient"), dict(hessian_every=1)
     ),
     "no_bias_correction": Case(
-        Options(hessian_every=2, bias_correction=False), dict(bias_correction=True)
+        Options(hessian_every=2, bias_correction=False, eps=1e-3), dict(bias_correction=True)
     ),
     "scale_by_batch": Case(Options(scale_by_batch=True), dict(scale_by_batch=False)),
     "scale_by_batch-mse": Case(
@@ -345,6 +379,23 @@ CASES = {
     ),
     "eps_inside_sqrt": Case(Options(eps_inside_sqrt=True, eps=1e-3), dict(eps_inside_sqrt=False)),
     "weight_decay": Case(Options(weight_decay=0.5), dict(weight_decay=0.0)),
+    # the readings of the open choices (issue 12)
+    "h_floor": Case(Options(h_floor=0.5), dict(h_floor=0.0)),
+    "update_clip": Case(Options(update_clip=0.5), dict(update_clip=None)),
+    "warmup-draws": Case(
+        Options(curvature_warmup="draws", warmup_length=4), dict(curvature_warmup="none")
+    ),
+    "warmup-max_grad": Case(
+        Options(curvature_warmup="max_grad", warmup_length=2), dict(curvature_warmup="none")
+    ),
+    "warmup-grad": Case(
+        Options(curvature_warmup="grad", warmup_length=2, scale_by_batch=True),
+        dict(curvature_warmup="none"),
+    ),
+    "warmup-grad-hessian_every": Case(
+        Options(curvature_warmup="grad", warmup_length=1, hessian_every=2),
+        dict(curvature_warmup="none"),
+    ),
     # gradient accumulation: h is the square of the summed auxiliary gradient, N the total
     "accumulation": Case(
         Options(scale_by_batch=True), dict(scale_by_batch=False), sizes=ACCUMULATED
@@ -355,6 +406,7 @@ CASES = {
     # LEHIBrid
     "hybrid-max": Case(Options(hybrid="max"), dict(hybrid="sum")),
     "hybrid-sum": Case(Options(hybrid="sum"), dict(hybrid="max")),
+    "hybrid-max-h_floor": Case(Options(hybrid="max", h_floor=2.0), dict(h_floor=0.0)),
     "hybrid-mix": Case(Options(hybrid="mix", mix_weight=0.25), dict(mix_weight=0.75)),
     "hybrid-max-per_example": Case(
         Options(hybrid="max", estimator="per_example"), dict(estimator="sampled")
