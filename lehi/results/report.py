@@ -173,8 +173,9 @@ def _significance_table(results: Results, exp: Mapping[str, str]) -> list[str]:
     return [
         "",
         f"Significance ({exp['experiment']}, scale: {scale_label(exp['scale'])})"
-        ": per-seed final val losses at each optimizer's best LR; mean diff < 0 "
-        "means the LEHI variant is lower; p-values two-sided; — where a side has "
+        ": candidates vs baselines (lehi/roster.py), per-seed final val losses at each "
+        "optimizer's best LR; mean diff < 0 "
+        "means the candidate is lower; p-values two-sided; — where a side has "
         "fewer than 2 seeds.",
         "",
         *table(header, rows),
