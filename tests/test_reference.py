@@ -374,6 +374,10 @@ CASES = {
     "scale_by_batch-per_example": Case(
         Options(scale_by_batch=True, estimator="per_example"), dict(scale_by_batch=False)
     ),
+    # h = g⊙g is an h like any other: scale_by_batch multiplies it by N
+    "scale_by_batch-squared_gradient": Case(
+        Options(scale_by_batch=True, estimator="squared_gradient"), dict(scale_by_batch=False)
+    ),
     "scale_by_batch-ignored": Case(
         Options(scale_by_batch=True), dict(scale_by_batch=False), ignored=3
     ),
@@ -407,6 +411,10 @@ CASES = {
     "hybrid-max": Case(Options(hybrid="max"), dict(hybrid="sum")),
     "hybrid-sum": Case(Options(hybrid="sum"), dict(hybrid="max")),
     "hybrid-max-h_floor": Case(Options(hybrid="max", h_floor=2.0), dict(h_floor=0.0)),
+    # with h = g⊙g the hybrid still applies: sum folds 2·g⊙g
+    "hybrid-sum-squared_gradient": Case(
+        Options(hybrid="sum", estimator="squared_gradient"), dict(hybrid="max")
+    ),
     "hybrid-mix": Case(Options(hybrid="mix", mix_weight=0.25), dict(mix_weight=0.75)),
     "hybrid-max-per_example": Case(
         Options(hybrid="max", estimator="per_example"), dict(estimator="sampled")
