@@ -16,11 +16,11 @@ loss itself (as the trainer computes it), the draw of v and the count N of loss 
 Cross-entropy draws a label per loss term from softmax(z) with one of two samplers (SAMPLERS),
 the same distribution by two algorithms:
     "inverse_cdf"   (the default) one uniform variate per term, located in the row's
-                    cumulative sum, located in two levels (blocks of classes, then the class in
-                    its block) so that no second vocabulary-sized buffer exists. Exactly Categorical(softmax(z)) up to
-                    float32 rounding of the cumulative sum; an order of magnitude cheaper than
-                    multinomial for large vocabularies, and the only sampler whose draws a
-                    data-parallel run can slice by rank (see shard_of).
+                    cumulative sum in two levels (blocks of classes, then the class in its
+                    block), so that no second vocabulary-sized buffer exists. Exactly
+                    Categorical(softmax(z)) up to float32 rounding of the sums; an order of
+                    magnitude cheaper than multinomial for large vocabularies, and the only
+                    sampler whose draws a data-parallel run can slice by rank (shard_of).
     "multinomial"   torch.multinomial: the draws torch's own call makes from the same
                     generator state, as the official SophiaG code samples; kept to reproduce
                     that code's random stream draw for draw. It draws one exponential variate
@@ -28,7 +28,10 @@ the same distribution by two algorithms:
                     vocabulary this costs more than the backward pass.
 
 The optimizers never build L_aux itself: its gradient with respect to the outputs is v/N
-(:func:`aux_grad_outputs`), which they hand to autograd as the outputs' gradient.
+(:func:`aux_grad_outputs`), which they hand to autograd as the outputs' gradient. When the
+training loss is exactly the mean cross-entropy of the outputs, v/N is built in place from
+that loss's own gradient, which already holds the softmax
+(:func:`aux_grad_outputs_from_loss_gradient`).
 """
 
 from __future__ import annotations

@@ -78,6 +78,40 @@ def _accepted(cls: type) -> set[str] | None:
     return None
 
 
+def _optimizer_class(target: Any) -> type[torch.optim.Optimizer]:
+    """The class ``optimizer._target_`` names, or a one-line ValueError."""
+    if not isinstance(target, str):
+        raise ValueError(
+            f"optimizer._target_ must name an optimizer class (e.g. lehi.optim.LEHI), "
+            f"got {target!r}"
+        )
+    module_name, _, attribute = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(
+            f"optimizer._target_={target!r} cannot be imported: no {attribute!r} "
+            f"in module {module_name!r}"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer._target_={target!r} is not a torch.optim.Optimizer")
+    return cls
+
+
+def _check_keys(cls: type, target: str, options: Mapping[str, Any]) -> None:
+    """Every key must be a constructor argument of ``cls`` that the config may set."""
+    curvature = issubclass(cls, CurvatureOptimizer)
+    accepted = _accepted(cls)
+    for key in options:
+        if key in _CURVATURE_INPUTS and curvature:
+            raise ValueError(
+                f"optimizer.{key} is set by the run (dataset loss, ignore index, seed), "
+                f"not by the optimizer config"
+            )
+        if accepted is not None and key not in accepted:
+            raise ValueError(f"optimizer.{key} is not an option of {target}")
+
+
 def _check_common(options: Mapping[str, Any]) -> None:
     lr = options.get("lr")
     if lr is not None and not (
@@ -119,36 +153,14 @@ def build_optimizer(
     """
     options = dict(options)
     target = options.pop("_target_", None)
-    if not isinstance(target, str):
-        raise ValueError(
-            f"optimizer._target_ must name an optimizer class (e.g. lehi.optim.LEHI), "
-            f"got {target!r}"
-        )
-    module_name, _, attribute = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(
-            f"optimizer._target_={target!r} cannot be imported: no {attribute!r} "
-            f"in module {module_name!r}"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"optimizer._target_={target!r} is not a torch.optim.Optimizer")
+    cls = _optimizer_class(target)
     exclude = options.pop("exclude_from_decay", True)
     if not isinstance(exclude, bool):
         raise ValueError(f"optimizer.exclude_from_decay must be true or false, got {exclude!r}")
     for key in BUILDER_KEYS:
         options.pop(key, None)
     curvature = issubclass(cls, CurvatureOptimizer)
-    accepted = _accepted(cls)
-    for key in options:
-        if key in _CURVATURE_INPUTS and curvature:
-            raise ValueError(
-                f"optimizer.{key} is set by the run (dataset loss, ignore index, seed), "
-                f"not by the optimizer config"
-            )
-        if accepted is not None and key not in accepted:
-            raise ValueError(f"optimizer.{key} is not an option of {target}")
+    _check_keys(cls, target, options)
     _check_common(options)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])

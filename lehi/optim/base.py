@@ -21,11 +21,15 @@ norm), a data-parallel trainer averages them first, or several draws are average
 Parameters without curvature: a parameter that receives an ordinary gradient but no
 auxiliary one (no path from it to the outputs, e.g. a penalty term) is never passed to
 ``_fold``; :meth:`_without_curvature` names them so the subclass's step can apply its rule.
+
+This module is one class of about 450 lines on purpose: the curvature pass, its schedule,
+its random generator and its persistence all read and write the same per-optimizer state
+(the refresh bookkeeping, the generator, the data-parallel wiring); split across modules
+they would only share it through private attributes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -43,48 +47,9 @@ from lehi.curvature import (
     num_loss_terms,
     per_example_curvature,
 )
+from lehi.optim.common import COUNTERS, add_optional
 
-__all__ = ["COUNTERS", "CurvatureOptimizer", "check_hyperparameters"]
-
-#: Per-parameter state entries that count steps. They stay float32 on the CPU whatever the
-#: parameter dtype (torch.optim casts every other entry to it on load, and a bf16 counter
-#: stalls at 256: 256 + 1 rounds back to 256).
-COUNTERS = ("step", "curvature_step")
-
-
-def check_hyperparameters(
-    *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, hessian_every: int
-) -> None:
-    """Raise a ValueError naming the first hyper-parameter outside its allowed range."""
-    if not (isinstance(lr, Tensor) or (math.isfinite(lr) and lr > 0.0)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must have exactly two entries (β1, β2), got {list(betas)}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not (isinstance(hessian_every, int) and hessian_every >= 1):
-        raise ValueError(f"hessian_every must be an integer >= 1, got {hessian_every!r}")
-
-
-def increment(counters: list[Tensor]) -> None:
-    """counters += 1. For CPU counters one wrapped 1.0 for all, as torch.optim.Adam does:
-    ``_foreach_add_(counters, 1)`` would wrap the scalar again for every tensor."""
-    if counters[0].is_cpu:
-        torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
-    else:
-        torch._foreach_add_(counters, 1)
-
-
-def bias_corrections(beta: float, steps: Sequence[Tensor], enabled: bool = True) -> list[float]:
-    """1 − β^t for each step counter (1.0 everywhere when bias correction is off)."""
-    if not enabled:
-        return [1.0] * len(steps)
-    return [1.0 - beta ** float(s) for s in steps]
+__all__ = ["CurvatureOptimizer"]
 
 
 class CurvatureOptimizer(Optimizer):
@@ -398,7 +363,9 @@ class CurvatureOptimizer(Optimizer):
                 self._fold_set(params, grads, n)
                 return
             squares = [None if a is None else a.square_() for a in grads]
-            total = squares if total is None else [_add(t, s) for t, s in zip(total, squares)]
+            total = (
+                squares if total is None else [add_optional(t, s) for t, s in zip(total, squares)]
+            )
         assert total is not None
         roots = [None if t is None else t.div_(draws).sqrt_() for t in total]
         self._fold_set(params, roots, n)
@@ -422,7 +389,7 @@ class CurvatureOptimizer(Optimizer):
         if i == 0 or self._accumulated is None:
             self._accumulated, self._accumulated_terms = grads, n
         else:
-            self._accumulated = [_add(t, a) for t, a in zip(self._accumulated, grads)]
+            self._accumulated = [add_optional(t, a) for t, a in zip(self._accumulated, grads)]
             self._accumulated_terms += n
         if i < k - 1:
             return
@@ -539,10 +506,3 @@ class CurvatureOptimizer(Optimizer):
         self._pending_generator_state = (
             None if generator is None else (generator[0], generator[1].to("cpu", torch.uint8))
         )
-
-
-def _add(total: Tensor | None, a: Tensor | None) -> Tensor | None:
-    """total + a where either may be None (a parameter without an auxiliary gradient)."""
-    if total is None:
-        return a
-    return total if a is None else total.add_(a)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from lehi.optim.base import CurvatureOptimizer, check_hyperparameters, increment
+from lehi.optim.base import CurvatureOptimizer
+from lehi.optim.common import check_hyperparameters, increment
 
 __all__ = ["SophiaG"]
 
