@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lehi.curvature import aux_loss
+from lehi.curvature import aux_loss, per_example_curvature
 from lehi.optim import LEHI, LEHIBrid, SophiaG, backward, build_optimizer, param_groups
 
 
@@ -357,3 +357,36 @@ def test_param_groups_without_decay_is_one_group():
     model = Tiny()
     assert len(param_groups(model, 0.0)) == 1
     assert len(param_groups(model, 0.1, exclude_from_decay=False)) == 1
+
+
+# --------------------------------------------------------------------- the one fold hook
+def test_per_example_mode_folds_its_h_through_the_same_hook():
+    model = mlp()
+    x, y = batches(1, n=6)[0]
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), estimator="per_example", seed=1)
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out, y, model=model, inputs=x)
+    h = per_example_curvature(model, x, y, "cross_entropy", torch.Generator().manual_seed(1))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], h[name])
+
+
+def test_accumulated_micro_batches_fold_the_whole_batch_and_skip_unreached_parameters():
+    model = Penalised()
+    x, y = batches(1)[0]
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), seed=8)
+    opt.zero_grad()
+    for i, (xs, ys) in enumerate(zip(x.chunk(2), y.chunk(2))):
+        out = model(xs)
+        loss = (F.cross_entropy(out, ys) + 0.1 * model.extra.square().sum()) / 2
+        opt.backward(loss, out, ys, micro_batch=(i, 2))
+    generator = torch.Generator().manual_seed(8)
+    halves = [aux_grads(model.net, xs, ys, generator) for xs, ys in zip(x.chunk(2), y.chunk(2))]
+    for p, a, b in zip(model.net.parameters(), *halves):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], ((a + b) / 2).square())
+    assert model.extra not in opt.state  # no auxiliary gradient: left to the step's rule
+    opt.step()
+    torch.testing.assert_close(
+        opt.state[model.extra]["exp_avg_curvature"], model.extra.grad.square()
+    )
+    assert torch.isfinite(model.extra).all()
