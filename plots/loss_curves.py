@@ -22,11 +22,11 @@ if __package__ in (None, ""):  # run as `python plots/loss_curves.py`: repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 
 from lehi.results import Results, select_experiment
 from lehi.results.report import no_step_cost
+from lehi.results.stats import cell_curve
 from plots import common
 from plots.style import (
     color,
@@ -42,25 +42,6 @@ from plots.style import (
 SPLITS = (("train", "training loss"), ("val", "validation loss"))
 
 
-def seed_curve(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean/std over seeds per step of one optimizer's rows for one split.
-
-    Returns columns step, loss_mean, loss_std (NaN for one seed), n_seeds; only steps
-    present in every seed, so a curve never mixes different seed sets.
-    """
-    loss = rows.pivot_table(index="step", columns="seed", values="loss", aggfunc="last")
-    loss = loss[loss.notna().all(axis=1)]
-    std = loss.std(axis=1, ddof=1) if loss.shape[1] > 1 else pd.Series(np.nan, index=loss.index)
-    return pd.DataFrame(
-        {
-            "step": loss.index.to_numpy(float),
-            "loss_mean": loss.mean(axis=1).to_numpy(float),
-            "loss_std": std.to_numpy(float),
-            "n_seeds": loss.shape[1],
-        }
-    )
-
-
 def _curve_label(row: dict) -> str:
     text = f"{label(row['optimizer'], row['optimizer_name'])} (lr={row['lr']:g})"
     if row["n_unstable"]:
@@ -68,11 +49,11 @@ def _curve_label(row: dict) -> str:
     return text
 
 
-def _draw(axes, row: dict, mine: pd.DataFrame, drawn: list[bool]) -> None:
+def _draw(axes, row: dict, results: Results, drawn: list[bool]) -> None:
     """One optimizer's curves on every panel; x of the time column = step × step cost."""
     seconds = row["ms_per_step"] / 1000
     for i, (split, _) in enumerate(SPLITS):
-        curve = seed_curve(mine[mine["split"] == split])
+        curve = cell_curve(results.runs, results.metrics, row, split)
         curve = curve[curve["loss_mean"] > 0]  # log axis
         drawn[i] = drawn[i] or not curve.empty
         std = np.nan_to_num(curve["loss_std"].to_numpy(float), nan=0.0)
@@ -112,9 +93,6 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     """The loss-curve figure of one experiment (``exp`` from ``results.experiments()``)."""
     best = select_experiment(results.best, exp)
     best = best[np.isfinite(best["lr"].to_numpy(float))]
-    runs = select_experiment(results.runs, exp)
-    runs = runs[runs["counted"]]
-    metrics = select_experiment(results.metrics, exp)
     fig = Figure(figsize=(10.0, 7.0), layout="constrained")
     measured_on = results.measured_on(exp["experiment"])
     # Without a step cost the time panels hold a note: sharing y would strip the step panels.
@@ -122,8 +100,7 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     drawn = [False] * len(SPLITS)  # an empty log axis cannot be drawn: such rows stay linear
     rows = best.to_dict("records")
     for row in sorted(rows, key=lambda r: rank(r["optimizer"], r["optimizer_name"])):
-        mine = runs[(runs["optimizer"] == row["optimizer"]) & (runs["lr"] == row["lr"])]
-        _draw(axes, row, metrics[metrics["run"].isin(mine["run"])], drawn)
+        _draw(axes, row, results, drawn)
     _dress(axes, exp, drawn, measured_on)
     if drawn[0] or drawn[1]:
         axes[0, 0].legend(

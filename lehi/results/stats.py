@@ -212,6 +212,33 @@ def cell_runs(runs: pd.DataFrame, row: Mapping[str, Any]) -> pd.DataFrame:
     return runs[mask].sort_values("seed")
 
 
+def seed_curve(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean/std over seeds per step of metrics rows of one split (several seeds of one cell).
+
+    Returns columns step, loss_mean, loss_std (NaN for one seed), n_seeds; only steps
+    present in every seed, so a curve never mixes different seed sets.
+    """
+    loss = rows.pivot_table(index="step", columns="seed", values="loss", aggfunc="last")
+    loss = loss[loss.notna().all(axis=1)]
+    std = loss.std(axis=1, ddof=1) if loss.shape[1] > 1 else pd.Series(np.nan, index=loss.index)
+    return pd.DataFrame(
+        {
+            "step": loss.index.to_numpy(float),
+            "loss_mean": loss.mean(axis=1).to_numpy(float),
+            "loss_std": std.to_numpy(float),
+            "n_seeds": loss.shape[1],
+        }
+    )
+
+
+def cell_curve(
+    runs: pd.DataFrame, metrics: pd.DataFrame, row: Mapping[str, Any], split: str
+) -> pd.DataFrame:
+    """The seed curve (:func:`seed_curve`) of the counted runs of ``row``'s cell."""
+    ids = cell_runs(runs, row)["run"]
+    return seed_curve(metrics[metrics["run"].isin(ids) & (metrics["split"] == split)])
+
+
 def select_experiment(frame: pd.DataFrame, exp: Mapping[str, Any]) -> pd.DataFrame:
     """Rows of ``frame`` that belong to experiment ``exp`` (a mapping with the EXP_KEYS)."""
     mask = np.ones(len(frame), dtype=bool)
