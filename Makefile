@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 RESULTS ?= results
+RUNS   ?= runs
 EXP    ?= digits
 
-.PHONY: install test lint format run sweep figures diagnostics bench clean
+.PHONY: install test lint format run sweep publish figures diagnostics bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +31,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The default job (digits, Adam), trained afresh each time into results/scratch/ (not in git),
-# so it never collides with the committed sweep results.
+# The default job (digits, Adam), trained afresh each time into runs/ (not in git), so it never
+# collides with the committed sweep results in results/.
 run: $(STAMP)
-	$(PY) run.py paths.results_dir=$(RESULTS)/scratch trainer.force=true $(ARGS)
+	$(PY) run.py paths.results_dir=$(RUNS) trainer.force=true $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
@@ -42,9 +43,16 @@ figures: $(STAMP)
 	$(PY) plots/make_figures.py --root $(RESULTS) --out plots/figures
 
 # One paper experiment as a Hydra multirun: optimizers × learning rates × seeds
-# (experiments/$(EXP).yaml). Finished runs are skipped, interrupted ones resume.
+# (experiments/$(EXP).yaml) into runs/. Finished runs are skipped, interrupted ones resume.
 sweep: $(STAMP)
-	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+	$(PY) run.py -m experiment=$(EXP) paths.results_dir=$(RUNS) $(ARGS)
+
+# The same sweep into the committed results/, only from a clean tree (every env.json must say
+# git_dirty: false). Finished runs are skipped, so a stopped sweep continues where it stopped.
+publish: $(STAMP)
+	@git diff --quiet HEAD -- lehi conf experiments run.py && test -z "$$(git status --porcelain -- lehi conf experiments run.py)" \
+		|| { echo "error: commit lehi/, conf/, experiments/ and run.py first: results come from a clean tree"; exit 2; }
+	$(PY) run.py -m experiment=$(EXP) paths.results_dir=$(RESULTS) $(ARGS)
 
 # The Hessian-imitation study (CPU, about a minute): results/diagnostics/*.csv and its table;
 # its figures are redrawn by `make figures`.

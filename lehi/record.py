@@ -12,7 +12,7 @@ Files (each written atomically): ``config.yaml`` (the resolved config), ``metric
 row per logging window and per evaluation), ``summary.json`` (written once, when the run ends:
 completed, diverged or failed), ``env.json`` (git commit and dirty flag, library versions,
 device), ``run.log`` (the run's log, tracebacks included), and while the run can be resumed
-``checkpoint.pt``. ``.lock`` keeps a second process off a folder that is in use.
+``checkpoint.pt``. A lock on the folder keeps a second process off a run that is in use.
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ class RunRecord:
         self.env = self.dir / "env.json"
         self.log = self.dir / "run.log"
         self.checkpoint = self.dir / "checkpoint.pt"
-        self.lockfile = self.dir / ".lock"
 
     def __repr__(self) -> str:
         return f"RunRecord({str(self.dir)!r})"
@@ -192,8 +191,8 @@ class RunRecord:
         atomic_write_text(self.metrics, buffer.getvalue())
 
     def clear(self) -> None:
-        """Remove a previous attempt's results before a fresh start in the same folder."""
-        for path in (self.metrics, self.summary, self.checkpoint, self.log):
+        """Remove a previous attempt's results before a fresh start (its log stays, appended to)."""
+        for path in (self.metrics, self.summary, self.checkpoint):
             path.unlink(missing_ok=True)
         self.remove_stale_temp_files()
 
@@ -206,10 +205,11 @@ class RunRecord:
     def lock(self) -> Iterator[None]:
         """Hold the folder for this process; RunBusyError if another process holds it.
 
-        An flock dies with its process, so a killed run never leaves the folder locked.
+        The lock is an flock on the folder itself: no lock file to clean up, and it dies
+        with its process, so a killed run never leaves the folder locked.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir, os.O_RDONLY)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,18 +1,25 @@
-"""One run from a resolved Hydra config: validate, build, train, write the results.
+"""One run from a resolved config, in four steps that read top to bottom:
 
-run.py is a thin Hydra entry point around :func:`run`; tests call :func:`run` with configs
-composed through Hydra's compose API.
+1. :func:`plan` — check the config, find the run's folder from its identity, decide whether
+   it is already done (skip), half done (resume) or new. Nothing is built or written.
+2. :func:`build` — data, model, optimizer, data-parallel wiring, trainer. Still nothing written.
+3. train — under the folder's lock, with signals that checkpoint and stop.
+4. :func:`record_result` — the one place that writes a summary.
+
+run.py is the Hydra entry point around :func:`run`; tests call :func:`run` with configs
+composed through Hydra's compose API. Bad input raises one of :data:`BAD_INPUT` (one line
+naming the key or file) before any file is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import random
-import signal
-import sys
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,332 +30,349 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
 from lehi.checkpoint import CheckpointError
-from lehi.distributed import from_environment
-from lehi.logging import RunFiles, WandbLogger, environment
-from lehi.optim import CurvatureOptimizer, build_optimizer
-from lehi.train import Trainer, TrainerConfig, pick_device
+from lehi.config import ConfigError, check_call, check_run, pick_device
+from lehi.data import DataFileError, DataUnavailableError
+from lehi.distributed import Distributed, from_environment
+from lehi.optim import BUILDER_KEYS, CurvatureOptimizer, build_optimizer
+from lehi.preemption import Interrupted, StopSignals
+from lehi.record import RunBusyError, RunRecord, environment, git, identity_hash, run_dir
+from lehi.train import Trainer, TrainerConfig
 
-__all__ = ["RunError", "build_model", "run", "run_dir_for"]
+__all__ = ["BAD_INPUT", "RunFailed", "build", "plan", "run"]
 
 log = logging.getLogger("lehi")
 
-#: Statuses that are results: a rerun of the sweep skips them unless trainer.force=true.
+#: Statuses that are results: the same config is then skipped unless trainer.force=true.
 FINAL_STATUSES = ("completed", "diverged")
 
-
-class RunError(ValueError):
-    """Bad input found before anything was written: one line naming the key or file."""
-
-
-def run_dir_for(cfg: DictConfig) -> Path:
-    """results/<experiment>/<optimizer label>/lr=<lr>/seed=<seed> unless paths.run_dir is set."""
-    if cfg.paths.get("run_dir"):
-        return Path(cfg.paths.run_dir)
-    lr = float(cfg.optimizer.lr)
-    return (
-        Path(cfg.paths.results_dir)
-        / str(cfg.experiment.name)
-        / str(cfg.optimizer.label)
-        / f"lr={lr:g}"
-        / f"seed={cfg.seed}"
-    )
+#: Bad input: a one-line message naming the key or file, nothing written.
+BAD_INPUT = (ConfigError, CheckpointError, DataFileError, DataUnavailableError, RunBusyError)
 
 
-def _trainer_config(cfg: DictConfig) -> TrainerConfig:
-    t = cfg.trainer
-    progress = t.progress
-    if progress == "auto":
-        progress = sys.stderr.isatty() and not os.environ.get("CI")
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16" if pick_device(t.device).type == "cuda" else "fp32"
-    return TrainerConfig(
-        epochs=t.epochs,
-        max_steps=t.max_steps,
-        grad_accum=t.grad_accum,
-        eval_every=t.eval_every,
-        log_every=t.log_every,
-        grad_clip=t.grad_clip,
-        schedule=t.schedule,
-        warmup_fraction=t.warmup_fraction,
-        min_lr_ratio=t.min_lr_ratio,
-        divergence_factor=t.divergence_factor,
-        checkpoint=t.checkpoint,
-        precision=precision,
-        progress=bool(progress),
-    )
+#: Config-group sections built through their ``_target_``: (keys that describe the entry and
+#: are not arguments, arguments the runner supplies itself).
+MODEL_METADATA = ("name",)
+SECTION_CALLS = {
+    "dataset": (("name", "recipe"), ()),
+    "model": (MODEL_METADATA, ("input_shape", "num_outputs")),
+    "optimizer": (BUILDER_KEYS, ("params", "loss", "ignore_index", "seed")),
+}
 
 
-def _check_inputs(cfg: DictConfig) -> TrainerConfig:
-    """The checks that need no data: they fail before any download or file write."""
-    lr = cfg.optimizer.lr
-    if not isinstance(lr, int | float) or not lr > 0:
-        raise RunError(f"optimizer.lr must be > 0, got {lr!r}")
-    for key in ("batch_size", "eval_batch_size"):
-        value = cfg.dataset.get(key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise RunError(f"dataset.{key} must be a positive integer, got {value!r}")
-    if cfg.logger.mode not in ("online", "offline", "disabled"):
-        raise RunError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
-    if cfg.trainer.resume not in (True, False, "auto"):
-        raise RunError(f"trainer.resume must be true, false or auto, got {cfg.trainer.resume!r}")
-    try:
-        return _trainer_config(cfg)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
+class RunFailed(RuntimeError):
+    """The run crashed; its folder holds a failed summary and the traceback in run.log."""
 
 
-#: Keys that may change between an interrupted run and its continuation.
-_RESUMABLE_CHANGES = ("resume", "force", "keep_checkpoint", "progress")
+@dataclass
+class Plan:
+    config: dict[str, Any]  # the resolved config, as config.yaml records it
+    trainer: TrainerConfig
+    record: RunRecord
+    device: torch.device
+    seed: int
+    previous: dict[str, Any] | None  # the summary of a finished run with this identity
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    config = dict(config)
-    config.pop("logger", None)
-    config["trainer"] = {
-        k: v for k, v in config.get("trainer", {}).items() if k not in _RESUMABLE_CHANGES
-    }
-    return config
-
-
-def _same_run(files: RunFiles, cfg: DictConfig) -> bool:
-    """Whether the folder's config.yaml describes this run (so its checkpoint may continue it)."""
-    try:
-        previous = OmegaConf.to_container(OmegaConf.load(files.config), resolve=False)
-    except (OSError, ValueError):
-        return False
-    current = OmegaConf.to_container(cfg, resolve=True)
-    if _comparable(previous) == _comparable(current):
-        return True
-    log.warning("%s: config differs from the checkpointed run's; starting afresh", files.dir)
-    return False
-
-
-def _dataset_options(cfg: DictConfig) -> dict[str, Any]:
-    options = OmegaConf.to_container(cfg.dataset, resolve=True)
-    options.pop("recipe", None)
-    options.pop("name", None)
-    return options
-
-
-def build_model(model_cfg: DictConfig, bundle: lehi.data.DataBundle) -> torch.nn.Module:
-    """Call the model config's ``_target_`` with the bundle (errors stay one-line ValueErrors)."""
-    options = OmegaConf.to_container(model_cfg, resolve=True)
-    return get_method(options.pop("_target_"))(bundle=bundle, **options)
-
-
-def _optimizer_options(cfg: DictConfig) -> dict[str, Any]:
-    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    options.pop("label", None)
-    options.pop("name", None)
-    return options
-
-
-class PreemptionSignals:
-    """SIGTERM, SIGUSR1, SIGUSR2 (preemption, time limits) → checkpoint at the next step.
-
-    After the trainer has checkpointed, :meth:`hand_over` passes the signal on to the handler
-    that was installed before (Submitit's, which requeues the job; a requeued job resumes from
-    the checkpoint because the sweep presets use ``trainer.resume: auto``).
-    """
-
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
-    )
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        self.trainer.request_stop()
-
-    def __enter__(self) -> PreemptionSignals:
-        try:
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals stay with the host process
-            self.previous = {}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def hand_over(self) -> None:
-        """Call the earlier handler of the signal received (after the checkpoint is written)."""
-        handler = self.previous.get(self.received) if self.received is not None else None
-        if callable(handler):
-            handler(self.received, None)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configuration; returns its summary (also written to summary.json).
-
-    Raises RunError (or the data layer's FileNotFoundError) for bad input, before any file
-    of the run is written.
-    """
-    trainer_config = _check_inputs(cfg)
-    files = RunFiles(run_dir_for(cfg))
-    previous = files.read_summary()
-    if previous and previous.get("status") in FINAL_STATUSES and not cfg.trainer.force:
-        log.info(
-            "skip %s: already %s (trainer.force=true reruns it)", files.dir, previous["status"]
+def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
+    """Check ``cfg`` and locate its run; raises ConfigError (one line) on bad input."""
+    config = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    check_run(config)
+    for section, (metadata, supplied) in SECTION_CALLS.items():
+        _check_section(config[section], section, metadata, supplied)
+    trainer = TrainerConfig.from_config(config["trainer"])
+    device = pick_device(trainer.device)
+    _check_logger(config["logger"])
+    pinned = config["paths"].get("run_dir")
+    record = RunRecord(pinned or run_dir(config["paths"]["results_dir"], config))
+    recorded = record.read_config()
+    if recorded is not None and identity_hash(recorded) != identity_hash(config):
+        raise ConfigError(
+            f"paths.run_dir={record.dir} holds another run (a different config); "
+            "choose another folder"
         )
-        return previous
-    resume = cfg.trainer.resume
-    if resume == "auto":
-        resume = files.checkpoint.exists() and _same_run(files, cfg)
-    if resume and not files.checkpoint.exists():
-        raise RunError(f"trainer.resume=true but {files.checkpoint} does not exist")
+    previous = record.read_summary()
+    if previous is not None and previous.get("status") not in FINAL_STATUSES:
+        previous = None  # a failed run is tried again
+    if previous is not None and trainer.force and _committed(record):
+        raise ConfigError(
+            f"trainer.force=true would overwrite the committed result {record.dir}; "
+            "rerun it elsewhere: python -m lehi.rerun " + str(record.dir)
+        )
+    if previous is not None and trainer.force:
+        previous = None
+    return Plan(config, trainer, record, device, config["seed"], previous)
 
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    device = pick_device(cfg.trainer.device)
+
+def _check_section(
+    options: dict[str, Any], section: str, metadata: tuple[str, ...], supplied: tuple[str, ...]
+) -> None:
+    """Keys and types of a group's options against its ``_target_``'s signature."""
+    try:
+        target = get_method(options["_target_"])
+    except Exception:
+        raise ConfigError(
+            f"{section}._target_={options['_target_']!r} cannot be imported"
+        ) from None
+    arguments = {k: v for k, v in options.items() if k not in (*metadata, "_target_")}
+    check_call(target, arguments, section, supplied=supplied)
+
+
+@dataclass
+class Built:
+    trainer: Trainer
+    model: torch.nn.Module
+    dist: Distributed | None
+
+
+def build(p: Plan) -> Built:
+    """Data, model, optimizer and trainer for the plan (nothing is written)."""
+    config, device = p.config, p.device
+    if p.trainer.threads:
+        torch.set_num_threads(p.trainer.threads)
     dist = from_environment(device)
     if dist is not None:
         device = dist.device(device)
-    main = dist is None or dist.is_main
-    seed = int(cfg.seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
-
-    try:
-        bundle = lehi.data.build(cfg.dataset.name, **_dataset_options(cfg)).to(device)
-        model = build_model(cfg.model, bundle).to(device)
+    torch.manual_seed(p.seed)
+    random.seed(p.seed)
+    with _options_checked():
+        bundle = lehi.data.build(config["dataset"]).to(device)
+        model = build_model(config["model"], bundle).to(device)
         optimizer = build_optimizer(
-            cfg.optimizer.name,
-            model.parameters(),
-            **_optimizer_options(cfg),
-            # The loss whose Hessian is imitated and the sampling seed (adam/adamw ignore them).
+            config["optimizer"],
+            model,
             loss=bundle.loss,
             ignore_index=bundle.ignore_index,
-            seed=seed,
+            seed=p.seed,
         )
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
-    trained = model
-    if cfg.trainer.compile:
-        if isinstance(optimizer, CurvatureOptimizer):
-            # The auxiliary backward reuses the graph (retain_graph=True), which AOTAutograd's
-            # donated buffers forbid.
-            torch._functorch.config.donated_buffer = False
-        trained = torch.compile(model)
+    trained = torch.compile(model) if p.trainer.compile else model
     if dist is not None:
         trained = DistributedDataParallel(
             trained, device_ids=[device.index] if device.type == "cuda" else None
         )
         if isinstance(optimizer, CurvatureOptimizer):
-            optimizer.reduce_curvature_grads = dist.mean_
-            if optimizer.sampler == "inverse_cdf":
-                # Every rank draws the global batch's v and keeps its slice: exactly the
-                # draws of a one-process run with the same global batch.
-                optimizer.shard = (dist.rank, dist.world_size)
-            else:
-                # multinomial draws cannot be sliced that way: independent streams per rank.
-                optimizer.seed = seed * 1_000_003 + dist.rank
+            optimizer.configure_data_parallel(dist.mean_, dist.rank, dist.world_size)
+    main = dist is None or dist.is_main
     trainer = Trainer(
         trained,
         optimizer,
         bundle,
-        trainer_config,
+        p.trainer,
         device=device,
-        seed=seed,
-        files=files if main else None,
+        seed=p.seed,
+        record=p.record if main else None,
         state_model=model,
         dist=dist,
     )
-    rows: list[dict[str, Any]] = []
-    if resume:
-        try:
-            trainer.resume_from(files.checkpoint, files.read_metrics())
-        except CheckpointError as exc:
-            raise RunError(str(exc)) from None
-        rows = trainer.rows
-    elif main:
-        files.clear()
+    return Built(trainer, model, dist)
 
-    wandb_logger = None
-    if main:
-        files.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-        files.write_env(environment(device))
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        wandb_logger = _wandb_logger(cfg, files.dir, resolved)
-    if wandb_logger is not None:
-        trainer.on_row = wandb_logger.log
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "%s: %s on %s, %s (%d params) on %s%s",
-        files.dir,
-        cfg.optimizer.name,
-        cfg.dataset.name,
-        cfg.model.name,
-        n_params,
-        device,
-        f", resuming at step {trainer.step}" if rows else "",
+
+@contextlib.contextmanager
+def _options_checked() -> Iterator[None]:
+    """Builders check their options as torch.optim does, with ValueError naming the key;
+    those are config errors (the cause, with its traceback, stays chained to it)."""
+    try:
+        yield
+    except (ConfigError, DataFileError):
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+
+
+def build_model(options: dict[str, Any], bundle: lehi.data.DataBundle) -> torch.nn.Module:
+    """Call the model config's ``_target_`` with the data's input shape and output count."""
+    options = {k: v for k, v in options.items() if k not in MODEL_METADATA}
+    target = get_method(options.pop("_target_"))
+    return target(
+        input_shape=tuple(bundle.input_shape), num_outputs=int(bundle.num_outputs), **options
     )
 
-    identity = {
-        "experiment": cfg.experiment.name,
-        "scale": cfg.experiment.scale,
-        "dataset": cfg.dataset.name,
-        "optimizer": cfg.optimizer.label,
-        "lr": float(cfg.optimizer.lr),
-        "seed": seed,
-    }
+
+def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration; returns its summary (also written to summary.json).
+
+    Raises one of :data:`BAD_INPUT` before anything is written, :class:`Interrupted` after
+    a stop signal has been checkpointed, :class:`RunFailed` after a crash was recorded.
+    """
+    p = plan(cfg)
+    if p.previous is not None:
+        log.info("skip %s: already %s (same config)", p.record.dir, p.previous["status"])
+        return p.previous
+    built = build(p)
+    main = built.trainer.record is not None
     try:
-        with PreemptionSignals(trainer) as signals:
-            summary = {**identity, **trainer.fit()}
-    except Exception as exc:
-        summary = {**identity, **trainer.summary("failed", None)}
-        summary["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        if main:
-            files.write_metrics(trainer.rows)
-            files.write_summary(summary)
-        if wandb_logger is not None:
-            wandb_logger.finish(summary)
-        raise
+        with _lock(p) if main else contextlib.nullcontext():
+            previous = p.record.read_summary()
+            if previous and previous.get("status") in FINAL_STATUSES and not p.trainer.force:
+                return previous  # finished by another process while this one was building
+            _start_or_resume(p, built.trainer, main)
+            with _run_log(p.record if main else None):
+                return _train(p, built.trainer, main)
     finally:
-        if dist is not None:
-            dist.close()
+        if built.dist is not None:
+            built.dist.close()
+
+
+def _train(p: Plan, trainer: Trainer, main: bool) -> dict[str, Any]:
+    """Fit under stop signals; record the result, a crash, or stop after a signal."""
+    wandb_logger = _wandb_logger(p, trainer) if main else None
+    try:
+        with StopSignals(trainer.request_stop) as signals, _compile_context(p):
+            summary = trainer.fit()
+    except Exception as exc:
+        log.exception("%s: the run crashed", p.record.dir)
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        summary = trainer.summary(None, error=error.splitlines()[-1])
+        if main:
+            record_result(p, trainer, summary, wandb_logger)
+        raise RunFailed(f"{p.record.dir}: {summary['error']} (traceback in run.log)") from exc
     if summary["status"] == "interrupted":
-        log.info(
-            "%s: interrupted at step %d; trainer.resume=true continues it", files.dir, trainer.step
-        )
-        signals.hand_over()
+        if not signals.hand_over() and signals.received is not None:
+            raise Interrupted(signals.received, f"at step {summary['steps']} in {p.record.dir}")
         return summary
+    return record_result(p, trainer, summary, wandb_logger) if main else summary
+
+
+@contextlib.contextmanager
+def _lock(p: Plan) -> Iterator[None]:
+    """The folder's lock; a folder that cannot be created is bad input naming its key."""
+    key = "paths.run_dir" if p.config["paths"].get("run_dir") else "paths.results_dir"
+    try:
+        p.record.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: cannot create the run folder {p.record.dir} ({exc.strerror or exc})"
+        ) from None
+    with p.record.lock():
+        yield
+
+
+def _start_or_resume(p: Plan, trainer: Trainer, main: bool) -> None:
+    """Continue from the folder's checkpoint (same identity: same run) or start afresh;
+    only the main process touches the folder's files."""
+    resume = p.trainer.resume
+    if resume == "auto":
+        resume = p.record.checkpoint.exists()
+    if resume:
+        if not p.record.checkpoint.exists():
+            raise CheckpointError(f"trainer.resume=true but {p.record.checkpoint} does not exist")
+        trainer.resume_from(p.record.checkpoint)
+        log.info("%s: resuming at step %d", p.record.dir, trainer.step)
     if not main:
-        return summary
-    files.write_summary(summary)
-    if not cfg.trainer.keep_checkpoint:
-        files.checkpoint.unlink(missing_ok=True)
+        return
+    p.record.remove_stale_temp_files()
+    if not resume:
+        p.record.clear()
+    p.record.write_config(p.config)
+    p.record.write_env(environment(trainer.device))
+
+
+def record_result(
+    p: Plan, trainer: Trainer, summary: dict[str, Any], wandb_logger: Any = None
+) -> dict[str, Any]:
+    """Write the final metrics and the summary (with the run's identity); drop the checkpoint."""
+    config = p.config
+    summary = {
+        "experiment": config["experiment"]["name"],
+        "scale": config["experiment"]["scale"],
+        "dataset": config["dataset"]["name"],
+        "model": config["model"].get("name"),
+        "optimizer": config["optimizer"]["label"],
+        "optimizer_name": config["optimizer"]["name"],
+        "lr": float(config["optimizer"]["lr"]),
+        "seed": p.seed,
+        "identity": identity_hash(config),
+        **summary,
+    }
+    p.record.write_metrics(trainer.rows)
+    p.record.write_summary(summary)
+    if summary["status"] != "failed" and not p.trainer.keep_checkpoint:
+        p.record.checkpoint.unlink(missing_ok=True)
     if wandb_logger is not None:
         wandb_logger.finish(summary)
     final = summary["final"]
     log.info(
-        "%s: %s after %d steps; val loss %.4f, val %s %.4f, %.1f steps/s",
-        files.dir,
-        summary["status"],
+        "%s: %s after %d steps; final val loss %s, %s %s",
+        p.record.dir,
+        summary["status"] + (f" ({summary['divergence']})" if summary.get("divergence") else ""),
         summary["steps"],
-        final["val_loss"] if final["val_loss"] is not None else math.nan,
+        _fmt(final["val_loss"]),
         summary["metric"],
-        final["val_metric"] if final["val_metric"] is not None else math.nan,
-        summary["steps_per_s"],
+        _fmt(final["val_metric"]),
     )
     return summary
 
 
-def _wandb_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]) -> WandbLogger | None:
-    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _committed(record: RunRecord) -> bool:
+    """Whether the folder's summary.json is tracked by git (a committed result)."""
+    return git("ls-files", "--error-unmatch", str(record.summary.resolve())) is not None
+
+
+def _check_logger(logger: dict[str, Any]) -> None:
+    if logger["name"] != "wandb" or logger["mode"] != "online":
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+    if not os.environ.get("WANDB_API_KEY") and not has_netrc:
+        raise ConfigError(
+            "logger.mode=online needs W&B credentials: run `wandb login` "
+            "(or set WANDB_API_KEY), or use logger.mode=offline"
+        )
+
+
+@contextlib.contextmanager
+def _compile_context(p: Plan) -> Iterator[None]:
+    """Curvature optimizers reuse the graph (retain_graph=True), which AOTAutograd's donated
+    buffers forbid; the setting is patched for this run only."""
+    if not p.trainer.compile:
+        yield
+        return
+    with torch._functorch.config.patch(donated_buffer=False):
+        yield
+
+
+@contextlib.contextmanager
+def _run_log(record: RunRecord | None) -> Iterator[None]:
+    """The run's log, tracebacks included, to <run>/run.log."""
+    if record is None:
+        yield
+        return
+    record.dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(record.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _wandb_logger(p: Plan, trainer: Trainer) -> Any:
+    logger = p.config["logger"]
+    if logger["name"] != "wandb" or logger["mode"] == "disabled":
         return None
-    return WandbLogger(
-        mode=cfg.logger.mode,
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=cfg.logger.group,
-        tags=list(cfg.logger.tags),
-        name=f"{cfg.experiment.name}/{cfg.optimizer.label}/lr={float(cfg.optimizer.lr):g}/seed={cfg.seed}",
-        run_dir=run_dir,
-        config=resolved,
+    from lehi.logging import WandbLogger
+
+    config = p.config
+    wandb_logger = WandbLogger(
+        mode=logger["mode"],
+        project=logger["project"],
+        entity=logger["entity"],
+        group=logger["group"],
+        tags=list(logger["tags"]),
+        name="{}/{}/lr={:g}/seed={}-{}".format(
+            config["experiment"]["name"],
+            config["optimizer"]["label"],
+            float(config["optimizer"]["lr"]),
+            p.seed,
+            identity_hash(config),
+        ),
+        run_dir=p.record.dir,
+        config=config,
     )
+    trainer.on_row = wandb_logger.log
+    return wandb_logger

@@ -11,74 +11,68 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lehi.checkpoint import load_checkpoint, save_checkpoint
+from lehi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lehi.config import ConfigError, check_call
 from lehi.curvature import get_loss_rule
 from lehi.data import DataBundle
 from lehi.distributed import Distributed
-from lehi.logging import RunFiles
+from lehi.divergence import DivergenceMonitor
+from lehi.metrics import metric_value
 from lehi.models.flops import device_peak_flops, flops_per_token, mfu
+from lehi.models.llama import Llama
+from lehi.models.stateful import StatefulModel
 from lehi.optim import backward
+from lehi.record import RunRecord
 
-__all__ = ["Trainer", "TrainerConfig", "lr_lambda", "pick_device"]
+__all__ = ["Trainer", "TrainerConfig", "lr_lambda"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
-    """The trainer's knobs (conf/trainer/default.yaml documents each)."""
+    """The ``trainer`` section of the config; conf/trainer/default.yaml holds every default
+    and documents each key. The field types are the section's schema (lehi.config)."""
 
-    epochs: int | None = None
-    max_steps: int | None = None
-    grad_accum: int = 1
-    eval_every: int | None = None
-    log_every: int = 10
-    grad_clip: float | None = None
-    schedule: str = "constant"
-    warmup_fraction: float = 0.0
-    min_lr_ratio: float = 0.1
-    divergence_factor: float = 10.0
-    checkpoint: bool = True
-    precision: str = "fp32"
-    progress: bool = False
+    device: str
+    precision: Literal["auto", "fp32", "bf16"]
+    compile: bool
+    threads: int | None
+    epochs: int | None
+    max_steps: int | None
+    grad_accum: int
+    eval_every: int | None
+    evaluations: int | None
+    log_every: int
+    grad_clip: float | None
+    schedule: Literal["constant", "cosine"]
+    warmup_fraction: float
+    min_lr_ratio: float
+    divergence_factor: float
+    checkpoint: bool
+    resume: bool | Literal["auto"]
+    force: bool
+    progress: bool | Literal["auto"]
+    keep_checkpoint: bool
 
-    def __post_init__(self) -> None:
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("trainer.epochs or trainer.max_steps must be set (a budget > 0)")
-        for key in ("epochs", "max_steps", "eval_every", "log_every", "grad_accum"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"trainer.{key} must be a positive integer, got {value!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"trainer.schedule={self.schedule!r} is not one of constant, cosine")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(
-                f"trainer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
-            )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"trainer.precision={self.precision!r} is not one of fp32, bf16")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` → cuda > mps > cpu; otherwise the named device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> TrainerConfig:
+        """Check the section (types, ranges, unknown keys) and build it; ConfigError if bad."""
+        values = {**section, **overrides}
+        check_call(cls, values, "trainer")
+        if values["epochs"] is None and values["max_steps"] is None:
+            raise ConfigError("trainer.epochs or trainer.max_steps must be set (a budget > 0)")
+        return cls(**values)
 
 
 def lr_lambda(
@@ -105,14 +99,18 @@ class Trainer:
         model: the network (possibly wrapped by torch.compile or DDP).
         optimizer: any torch.optim.Optimizer; curvature-aware ones get their pass.
         bundle: the data, already on ``device``.
-        config: the trainer's knobs.
+        config: the trainer section of the config.
         device: where the model and data live.
         seed: the run seed (data order, augmentation, dropout).
-        files: the run folder, or None to write nothing (non-zero DDP ranks).
+        record: the run folder, or None to write nothing (non-zero DDP ranks, diagnostics).
         on_row: called with every metrics row (W&B).
         state_model: the module whose state_dict is checkpointed (the unwrapped model).
         dist: this process's place in a torchrun job: it trains on its shard of each global
             batch and logs cross-rank means; None for a single process.
+
+    The checkpoint is the commit point of a run: it holds the metrics rows up to its step,
+    and metrics.csv is rewritten from it right after, so a kill at any instant leaves a
+    checkpoint from which the resumed run writes exactly the uninterrupted run's rows.
     """
 
     def __init__(
@@ -124,7 +122,7 @@ class Trainer:
         *,
         device: torch.device,
         seed: int,
-        files: RunFiles | None,
+        record: RunRecord | None,
         on_row: Callable[[dict[str, Any]], None] | None = None,
         state_model: nn.Module | None = None,
         dist: Distributed | None = None,
@@ -137,18 +135,18 @@ class Trainer:
         self.config = config
         self.device = device
         self.seed = seed
-        self.files = files
+        self.record = record
         self.on_row = on_row
         self.rule = get_loss_rule(bundle.loss)
         self.accum = config.grad_accum
         self.steps_per_epoch = bundle.train.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.grad_accum={self.accum} exceeds the {bundle.train.steps_per_epoch} "
                 "batches of an epoch"
             )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.eval_steps = _evaluation_steps(self.total_steps, self.steps_per_epoch, config)
         # Always a LambdaLR (its state is checkpointed); stepped only when the LR can change.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -157,19 +155,25 @@ class Trainer:
             ),
         )
         self._lr_changes = config.schedule != "constant" or config.warmup_fraction > 0
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
         self.autocast = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if config.precision == "bf16"
+            if bf16
             else contextlib.nullcontext()
         )
+        progress = config.progress
+        if progress == "auto":
+            progress = sys.stderr.isatty() and not os.environ.get("CI")
+        self.progress = bool(progress)
+        self.monitor = DivergenceMonitor(config.divergence_factor)
         self.stop_requested = False
         self.rows: list[dict[str, Any]] = []
         self.step = 0
-        self.first_loss: float | None = None
         self.train_time = 0.0
         self.wall_offset = 0.0
         self._wall_start = time.perf_counter()
-        self._has_state = callable(getattr(self.state_model, "reset_state", None))
+        self._window = _Window(device)
 
     # ---------------------------------------------------------------------------- state
     def request_stop(self) -> None:
@@ -191,36 +195,62 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "first_loss": self.first_loss,
+            "total_steps": self.total_steps,
+            "rows": self.rows,
+            "monitor": self.monitor.state_dict(),
+            "window": self._window.state_dict(),
             "train_time": self.train_time,
             "wall_time": self.wall_time(),
             "rng": rng,
         }
 
     def save(self) -> None:
-        if self.files is None or not self.config.checkpoint:
+        """Commit: checkpoint (with the rows) first, then metrics.csv from the same rows."""
+        if self.record is None:
             return
-        save_checkpoint(self.files.checkpoint, self._checkpoint_state())
-        self.files.write_metrics(self.rows)
+        if self.config.checkpoint:
+            save_checkpoint(self.record.checkpoint, self._checkpoint_state())
+        self.record.write_metrics(self.rows)
 
-    def resume(self, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Continue from a checkpoint and the metrics rows written up to it."""
-        self.state_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.first_loss = state["first_loss"]
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`save` (CheckpointError if it does not fit)."""
+        step, rows = state.get("step"), state.get("rows")
+        if not isinstance(step, int) or not 0 <= step <= self.total_steps:
+            raise CheckpointError(
+                f"checkpoint step {step!r} is outside this run's 0..{self.total_steps}"
+            )
+        if state.get("total_steps") != self.total_steps or not isinstance(rows, list):
+            raise CheckpointError("checkpoint comes from a run with another budget or layout")
+        if rows and rows[-1].get("step", -1) > step:
+            raise CheckpointError("checkpoint rows run past its step")
+        try:
+            self.state_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.monitor.load_state_dict(state["monitor"])
+            self._window.load_state_dict(state["window"])
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            if "cuda" in state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            reason = (
+                str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            )
+            raise CheckpointError(
+                f"checkpoint does not fit this run's model or optimizer ({reason})"
+            ) from None
+        self.step = step
+        self.rows = list(rows)
         self.train_time = float(state["train_time"])
         self.wall_offset = float(state["wall_time"])
         self._wall_start = time.perf_counter()
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.rows = [r for r in rows if r["step"] <= self.step]
 
-    def resume_from(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        self.resume(load_checkpoint(path, self.device), rows)
+    def resume_from(self, path: Path) -> None:
+        try:
+            self.resume(load_checkpoint(path, self.device))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
 
     # ---------------------------------------------------------------------------- steps
     def _sync(self) -> None:
@@ -263,14 +293,7 @@ class Trainer:
 
     def metric_from(self, mean_loss: float, correct: float | None, terms: int) -> float:
         """The dataset's metric from a mean loss (and a correct count for accuracy)."""
-        metric = self.bundle.metric
-        if metric == "accuracy":
-            return float(correct) / max(terms, 1)
-        if metric == "perplexity":
-            return math.exp(min(mean_loss, 700.0))
-        if metric == "rmse":
-            return math.sqrt(max(mean_loss, 0.0)) * self.bundle.target_std
-        raise ValueError(f"unknown metric {metric!r}; known: accuracy, perplexity, rmse")
+        return metric_value(self.bundle.metric, mean_loss, correct, terms, self.bundle.target_std)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -332,85 +355,88 @@ class Trainer:
             self.on_row(row)
         return row
 
-    def _validate(self) -> None:
+    def _validate(self) -> str | None:
+        """Evaluate, log the row; the divergence reason if the interval diverged."""
         loss, metric = self.evaluate()
         self._row("val", loss, metric)
+        return self.monitor.evaluation(loss)
+
+    def _log_window(self) -> str | None:
+        """Log the training-loss window; the divergence reason if it is not finite."""
+        window = self._window
+        if self.dist is not None:
+            self._global_mean(window.loss)
+            self.dist.sum_(window.correct)
+            window.terms *= self.dist.world_size
+        mean = window.loss.item() / window.steps
+        self._row("train", mean, self.metric_from(mean, window.correct.item(), window.terms))
+        window.reset()
+        return self.monitor.train_window(mean)
 
     # ------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, Any]:
         """Train to the budget; returns {"status": completed|diverged|interrupted, ...}."""
         self.model.train()
+        divergence = None
         if self.step == 0 and not self.rows:
-            self._validate()
-        status, diverged_at = "completed", None
-        log_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        log_correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        log_steps, log_terms = 0, 0
-        progress = _progress_bar(self.total_steps, self.step, self.config.progress)
+            divergence = self._validate()
+        progress = _progress_bar(self.total_steps, self.step, self.progress)
         segment_start = time.perf_counter()
-        while self.step < self.total_steps and status == "completed":
+        while self.step < self.total_steps and divergence is None and not self.stop_requested:
             epoch, position = divmod(self.step, self.steps_per_epoch)
-            if position == 0 and self._has_state:
+            if position == 0 and isinstance(self.state_model, StatefulModel):
                 self.state_model.reset_state()
             for batches in self._steps(epoch, position):
-                x, y = batches[-1]
                 try:
                     loss, correct = self.train_step(batches)
                 except RuntimeError:
                     # Non-finite weights or outputs make later ops fail (e.g. sampling from
                     # NaN probabilities): that is divergence, a result, not a crash.
-                    if self._finite(x):
+                    if self._finite(batches[-1][0]):
                         raise
-                    self.train_time += time.perf_counter() - segment_start
-                    status, diverged_at = "diverged", self.step
+                    divergence = "non_finite"
                     break
                 self.step += 1
-                log_loss += loss
-                log_steps += 1
-                if correct is not None:
-                    log_correct += correct
-                    log_terms += sum(b[1].numel() for b in batches)
-                if self.first_loss is None:
-                    self.first_loss = self._global_mean(loss.clone()).item()
-                at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
-                if self.step % self.config.log_every == 0 or at_eval or self.stop_requested:
+                self._window.add(loss, correct, batches)
+                if self.monitor.initial_loss is None:
+                    self.monitor.first_loss(self._global_mean(loss.clone()).item())
+                at_eval = self.step in self.eval_steps
+                if self.step % self.config.log_every == 0 or at_eval:
                     self._sync()
                     self.train_time += time.perf_counter() - segment_start
-                    if self.dist is not None:
-                        self._global_mean(log_loss)
-                        self.dist.sum_(log_correct)
-                        log_terms *= self.dist.world_size
-                    mean = log_loss.item() / log_steps
-                    self._row("train", mean, self.metric_from(mean, log_correct.item(), log_terms))
-                    progress(self.step, mean)
-                    log_loss.zero_()
-                    log_correct.zero_()
-                    log_steps, log_terms = 0, 0
-                    if not math.isfinite(mean) or mean > self.config.divergence_factor * max(
-                        self.first_loss, 1e-12
-                    ):
-                        status, diverged_at = "diverged", self.step
-                        break
-                    if at_eval:
-                        self._validate()
-                        self.save()
-                    if self.stop_requested:
-                        self.save()
-                        status = "interrupted"
-                        break
+                    divergence = self._log_window()
+                    progress(self.step, self.rows[-1]["loss"])
+                    if divergence is None and at_eval:
+                        divergence = self._validate()
+                        if divergence is None:
+                            self.save()
                     segment_start = time.perf_counter()
-                if self.step >= self.total_steps:
+                if divergence is not None or self.stop_requested:
                     break
+        self._sync()
+        self.train_time += time.perf_counter() - segment_start
         progress(None, None)
-        if self.files is not None and status != "interrupted":
-            self.files.write_metrics(self.rows)
-        return self.summary(status, diverged_at)
+        if self.stop_requested and divergence is None and self.step < self.total_steps:
+            self.save()
+            return {"status": "interrupted", "steps": self.step}
+        return self.summary(divergence)
 
-    def summary(self, status: str, diverged_at: int | None) -> dict[str, Any]:
+    def summary(self, divergence: str | None, error: str | None = None) -> dict[str, Any]:
+        """The run's summary from its rows: status, final and best values, the last-3 mean.
+
+        ``divergence`` is the reason training stopped early, if it did; a run that reached
+        its budget is checked for ``no_progress``. ``error`` makes it a failed run's summary.
+        """
         val = [r for r in self.rows if r["split"] == "val"]
         train = [r for r in self.rows if r["split"] == "train"]
+        initial = val[0]["loss"] if val and val[0]["step"] == 0 else None
+        final = val[-1] if val else None
+        if error is None and divergence is None and self.step >= self.total_steps:
+            divergence = self.monitor.at_end(initial, final["loss"] if final else None)
+        status = "failed" if error is not None else ("diverged" if divergence else "completed")
+        finite = [r for r in val if math.isfinite(r["loss"])]
+        best = min(finite, key=lambda r: r["loss"]) if finite else None
         last3 = [r["loss"] for r in val[-3:]]
-        best = min(val, key=lambda r: r["loss"] if math.isfinite(r["loss"]) else math.inf)
         mean3 = sum(last3) / len(last3) if last3 else math.nan
         std3 = (
             math.sqrt(sum((v - mean3) ** 2 for v in last3) / (len(last3) - 1))
@@ -420,24 +446,34 @@ class Trainer:
         train_time = max(self.train_time, 1e-12)
         summary = {
             "status": status,
+            "divergence": divergence if status == "diverged" else None,
             "metric": self.bundle.metric,
             "steps": self.step,
+            "total_steps": self.total_steps,
             "epochs": self.step / self.steps_per_epoch,
+            "initial": {"val_loss": initial, "train_loss": self.monitor.initial_loss},
             "final": {
-                "val_loss": val[-1]["loss"] if val else None,
-                "val_metric": val[-1]["metric"] if val else None,
+                "val_loss": final["loss"] if final else None,
+                "val_metric": final["metric"] if final else None,
                 "train_loss": train[-1]["loss"] if train else None,
+                "step": final["step"] if final else None,
             },
-            "best": {"val_loss": best["loss"], "val_metric": best["metric"], "step": best["step"]},
+            "best": {
+                "val_loss": best["loss"] if best else None,
+                "val_metric": best["metric"] if best else None,
+                "step": best["step"] if best else None,
+            },
             "last3": {"val_loss_mean": mean3, "val_loss_std": std3, "n": len(last3)},
+            "max_spike": self.monitor.max_spike,
             "wall_time": self.wall_time(),
             "train_time": self.train_time,
             "steps_per_s": self.step / train_time,
             "curvature_passes": self.curvature_passes(),
-            "diverged_at_step": diverged_at,
-            "error": None,
+            "diverged_at_step": self.step if status == "diverged" else None,
+            "precision": self.precision,
+            "error": error,
         }
-        if self.bundle.input_shape == ():
+        if self.bundle.metric == "perplexity" and self.step:
             summary.update(self._throughput(train_time))
         return summary
 
@@ -450,13 +486,64 @@ class Trainer:
         x, _ = next(iter(self.bundle.train.iter_epoch(0, 0)))
         tokens_per_s = x.numel() * self.accum * self.step / train_time
         out = {"tokens_per_s": tokens_per_s}
-        if self.device.type == "cuda" and hasattr(self.state_model, "config"):
+        if self.device.type == "cuda" and isinstance(self.state_model, Llama):
             try:
                 peak = device_peak_flops(torch.cuda.get_device_name(self.device))
             except ValueError:
                 return out
             out["mfu"] = mfu(tokens_per_s, flops_per_token(self.state_model, x.shape[-1]), peak)
         return out
+
+
+class _Window:
+    """The running sums of the current training-loss logging window (checkpointed)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.terms = 0
+
+    def add(
+        self, loss: Tensor, correct: Tensor | None, batches: list[tuple[Tensor, Tensor]]
+    ) -> None:
+        self.loss += loss
+        self.steps += 1
+        if correct is not None:
+            self.correct += correct
+            self.terms += sum(b[1].numel() for b in batches)
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
+        self.steps = self.terms = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.item(),
+            "correct": self.correct.item(),
+            "steps": self.steps,
+            "terms": self.terms,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.fill_(float(state["loss"]))
+        self.correct.fill_(float(state["correct"]))
+        self.steps = int(state["steps"])
+        self.terms = int(state["terms"])
+
+
+def _evaluation_steps(total: int, steps_per_epoch: int, config: TrainerConfig) -> frozenset[int]:
+    """The steps after which the trainer evaluates; the last step always evaluates.
+
+    ``evaluations`` spreads that many evenly over the budget; otherwise every ``eval_every``
+    steps, by default once per epoch.
+    """
+    if config.evaluations is not None:
+        n = min(config.evaluations, total)
+        return frozenset(round(k * total / n) for k in range(1, n + 1))
+    every = config.eval_every or steps_per_epoch
+    return frozenset([*range(every, total + 1, every), total])
 
 
 def _progress_bar(

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from lehi.logging import RunFiles
+from lehi.record import RunRecord
 
 pytestmark = pytest.mark.skipif(
     not __import__("torch").distributed.is_available(), reason="torch.distributed unavailable"
@@ -49,7 +49,7 @@ def train(run_dir, *args: str, ranks: int = 1) -> list[dict]:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return RunFiles(run_dir).read_metrics()
+    return RunRecord(run_dir).read_metrics()
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lehi.models.stateful import StatefulModel
+
 PRESETS: dict[str, dict] = {
     "small": {"hidden": 200, "num_layers": 2, "dropout": 0.0, "tied": False},
     "medium": {"hidden": 650, "num_layers": 2, "dropout": 0.5, "tied": True},
@@ -31,7 +33,7 @@ PRESETS: dict[str, dict] = {
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-class LSTMLM(nn.Module):
+class LSTMLM(StatefulModel):
     """Word-level LSTM language model; forward maps (B, T) token ids to (B, T, V) logits."""
 
     def __init__(
