@@ -74,12 +74,15 @@ class LEHI(CurvatureOptimizer):
       the EMA, so an exactly-zero draw cannot make a coordinate's denominator ε; 0 = off.
     - ``update_clip`` c (per group): Sophia's elementwise clip of the update u to [−c, c].
 
-    Wherever g⊙g enters v (warm-up, LEHIBrid, the rule below) it is scaled by s like h.
+    Where a refresh has no h — ``estimator="squared_gradient"``, the ``"grad"`` warm-up, and
+    a parameter without curvature (below) — h = g⊙g, an h like any other: LEHIBrid's hybrid
+    and the N-scaling s apply to it (the floor, meant for zero draws, does not). With the
+    defaults LEHI(estimator="squared_gradient") is then exactly AdamW.
 
     Parameters without curvature: on a refresh, a parameter that has an ordinary gradient
-    but no auxiliary one (no path from it to the outputs, e.g. a penalty term) folds
-    s·g⊙g instead, i.e. it is updated by Adam's rule, and its own refresh count r keeps its
-    bias correction well defined (never 1 − β2⁰ = 0).
+    but no auxiliary one (no path from it to the outputs, e.g. a penalty term) takes
+    h = g⊙g, i.e. it is updated by Adam's rule, and its own refresh count r keeps its bias
+    correction well defined (never 1 − β2⁰ = 0).
 
     Args:
         params: parameters or parameter groups.
@@ -93,7 +96,8 @@ class LEHI(CurvatureOptimizer):
         estimator: ``"sampled"`` (METHOD.md's v for the loss; default), ``"per_example"``
             (exact per-example mode, Σ_n (J_nᵀ v_n)² / N² via torch.func; small models only,
             needs ``backward(..., model=, inputs=)``), or ``"squared_gradient"`` (h = g⊙g,
-            which makes LEHI exactly AdamW: the ablation's control).
+            which makes LEHI exactly AdamW: the ablation's control; with scale_by_batch the
+            optimizer needs ``optimizer.backward`` to know N).
         scale_by_batch: multiply h by N, the number of loss terms; default False.
         eps_inside_sqrt: use sqrt(v̂ + ε), the form of the paper's analysis; default False.
         bias_correction: divide v by 1 − β2^r (r = curvature refreshes); default True.
@@ -229,6 +233,10 @@ class LEHI(CurvatureOptimizer):
             torch.maximum(h, p.grad.square(), out=h)
         return h
 
+    def _gradient_square_factor(self, group: dict[str, Any]) -> float:
+        """What v averages, as a multiple of g⊙g, when h itself is g⊙g: 1 (h = g⊙g)."""
+        return 1.0
+
     def _fold_gradient_squares(
         self,
         group: dict[str, Any],
@@ -236,7 +244,7 @@ class LEHI(CurvatureOptimizer):
         exp_avg_curvatures: list[Tensor],
         curvature_steps: list[Tensor],
     ) -> None:
-        """v ← β2 v + (1 − β2)·s·g⊙g: refreshes without h (warm-up, no curvature)."""
+        """v ← β2 v + (1 − β2)·s·c·g⊙g: refreshes whose h is g⊙g (see the class docstring)."""
         scale = 1
         if group["scale_by_batch"]:
             if self.num_loss_terms is None:
@@ -246,8 +254,9 @@ class LEHI(CurvatureOptimizer):
                 )
             scale = self.num_loss_terms
         beta2 = group["betas"][1]
+        weight = (1 - beta2) * scale * self._gradient_square_factor(group)
         torch._foreach_mul_(exp_avg_curvatures, beta2)
-        torch._foreach_addcmul_(exp_avg_curvatures, grads, grads, value=(1 - beta2) * scale)
+        torch._foreach_addcmul_(exp_avg_curvatures, grads, grads, value=weight)
         increment(curvature_steps)
 
     # ----------------------------------------------------------------------------- step
@@ -259,9 +268,8 @@ class LEHI(CurvatureOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_curvature_arrived()
-        refresh = self.wants_curvature()
-        fold_squared_gradient = self.estimator == "squared_gradient" and refresh
-        gradient_refresh = refresh and not fold_squared_gradient and not self.needs_aux_pass()
+        # estimator="squared_gradient" and the grad warm-up: h = g⊙g for every parameter.
+        from_gradient = self.wants_curvature() and not self.needs_aux_pass()
 
         for group in self.param_groups:
             params, grads, (exp_avgs, exp_avg_curvatures, steps, curvature_steps) = self._collect(
@@ -269,8 +277,8 @@ class LEHI(CurvatureOptimizer):
             )
             if not params:
                 continue
-            missing = [gradient_refresh] * len(params)
-            if not gradient_refresh:
+            missing = [from_gradient] * len(params)
+            if not from_gradient:
                 missing = self._without_curvature(params)
             if any(missing):
                 pick = [i for i, m in enumerate(missing) if m]
@@ -302,7 +310,6 @@ class LEHI(CurvatureOptimizer):
                 eps_inside_sqrt=group["eps_inside_sqrt"],
                 bias_correction=group["bias_correction"],
                 update_clip=group["update_clip"],
-                fold_squared_gradient=fold_squared_gradient,
             )
         return loss
 
@@ -346,6 +353,10 @@ class LEHIBrid(LEHI):
 
     def _fold_reads_gradient(self) -> bool:
         return True
+
+    def _gradient_square_factor(self, group: dict[str, Any]) -> float:
+        # hybrid(g⊙g, g⊙g): max and mix give g⊙g, sum 2·g⊙g.
+        return 2.0 if group["hybrid"] == "sum" else 1.0
 
     def _curvature_input(
         self, p: Tensor, group: dict[str, Any], a: Tensor, max_grad: bool

@@ -2,12 +2,12 @@
 
 Each takes the parameters of one group with their gradients and state and applies
 
-    t ← t + 1;  [v ← β2 v + (1 − β2) g⊙g;  r ← r + 1]  (estimator="squared_gradient" only)
-    w ← w (1 − α λ);  m ← β1 m + (1 − β1) g
+    t ← t + 1;  w ← w (1 − α λ);  m ← β1 m + (1 − β1) g
     u = m / (1 − β1^t) / (sqrt(v / (1 − β2^r)) + ε)   (or sqrt(v / (1 − β2^r) + ε))
     w ← w − α clip(u, −c, c)
 
-(lehi.optim.LEHI's docstring). The three agree to rounding; the tests hold them to it.
+with the v and r the curvature folds left (lehi.optim.LEHI's docstring). The three agree to
+rounding; the tests hold them to it.
 """
 
 from __future__ import annotations
@@ -40,14 +40,10 @@ def single_tensor_lehi(
     eps_inside_sqrt: bool,
     bias_correction: bool,
     update_clip: float | None,
-    fold_squared_gradient: bool,
 ) -> None:
     for i, param in enumerate(params):
         grad, exp_avg, exp_avg_curvature = grads[i], exp_avgs[i], exp_avg_curvatures[i]
         steps[i] += 1
-        if fold_squared_gradient:
-            exp_avg_curvature.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            curvature_steps[i] += 1
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
@@ -81,17 +77,12 @@ def multi_tensor_lehi(
     eps_inside_sqrt: bool,
     bias_correction: bool,
     update_clip: float | None,
-    fold_squared_gradient: bool,
 ) -> None:
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_curvatures, steps, curvature_steps]
     )
     for (dev_params, dev_grads, dev_m, dev_v, dev_steps, dev_curv_steps), _ in grouped.values():
         increment(dev_steps)
-        if fold_squared_gradient:
-            torch._foreach_mul_(dev_v, beta2)
-            torch._foreach_addcmul_(dev_v, dev_grads, dev_grads, 1 - beta2)
-            increment(dev_curv_steps)
         if weight_decay != 0:
             torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
         torch._foreach_lerp_(dev_m, dev_grads, 1 - beta1)
@@ -124,12 +115,10 @@ def _graph_lehi(
     scalars: Tensor,
     *,
     beta1: float,
-    beta2: float,
     eps: float,
     eps_inside_sqrt: bool,
     decay: bool,
     update_clip: float | None,
-    fold_squared_gradient: bool,
 ) -> None:
     """The single-tensor update in a form torch.compile captures as one graph.
 
@@ -143,8 +132,6 @@ def _graph_lehi(
         zip(params, grads, exp_avgs, exp_avg_curvatures)
     ):
         step_size, correction, decay_factor = scalars[i, 0], scalars[i, 1], scalars[i, 2]
-        if fold_squared_gradient:
-            exp_avg_curvature.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if decay:
             param.mul_(decay_factor)
         exp_avg.lerp_(grad, 1 - beta1)
@@ -175,13 +162,10 @@ def compiled_lehi(
     eps_inside_sqrt: bool,
     bias_correction: bool,
     update_clip: float | None,
-    fold_squared_gradient: bool,
 ) -> None:
     """The step through :func:`_graph_lehi`: counters and scalars here, tensors there."""
     lr = float(lr)
     increment(steps)
-    if fold_squared_gradient:
-        increment(curvature_steps)
     bc1 = bias_corrections(beta1, steps)
     bc2 = bias_corrections(beta2, curvature_steps, bias_correction)
     corrections = bc2 if eps_inside_sqrt else [math.sqrt(b) for b in bc2]
@@ -197,12 +181,10 @@ def compiled_lehi(
         exp_avg_curvatures,
         scalars,
         beta1=beta1,
-        beta2=beta2,
         eps=eps,
         eps_inside_sqrt=eps_inside_sqrt,
         decay=weight_decay != 0,
         update_clip=update_clip,
-        fold_squared_gradient=fold_squared_gradient,
     )
 
 
