@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import lehi.models
+from lehi.config import compose
 from lehi.data import DataBundle, TensorBatches
-from lehi.train import Trainer, TrainerConfig
+from lehi.train import Trainer
+from lehi.trainer_config import TrainerConfig
 
 
 def make_bundle(n: int, batch_size: int) -> DataBundle:
@@ -64,8 +66,11 @@ def bare_loop(bundle: DataBundle, steps: int) -> float:
 
 def trainer_loop(bundle: DataBundle, steps: int) -> float:
     model, opt = new_model_and_optimizer(bundle)
-    config = TrainerConfig(max_steps=steps, eval_every=steps, log_every=10)
-    trainer = Trainer(model, opt, bundle, config, device=torch.device("cpu"), seed=0, files=None)
+    trainer_section = compose(["trainer.device=cpu", "trainer.progress=false"])["trainer"]
+    config = TrainerConfig.from_config(
+        trainer_section, epochs=None, max_steps=steps, eval_every=steps, log_every=10
+    )
+    trainer = Trainer(model, opt, bundle, config, device=torch.device("cpu"), seed=0, record=None)
     trainer.fit()
     return trainer.train_time
 

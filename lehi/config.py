@@ -14,12 +14,16 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
 
-__all__ = ["ConfigError", "RANGES", "check_call", "check_run", "pick_device"]
+__all__ = ["CONF_DIR", "ConfigError", "RANGES", "check_call", "check_run", "compose", "pick_device"]
+
+#: conf/ of this checkout: what run.py composes.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -216,3 +220,15 @@ def pick_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"trainer.device={name!r}: expected auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """conf/config.yaml with ``overrides``, resolved, as run.py would see it (for scripts:
+    benchmarks and the diagnostics study take their settings from the same YAML)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

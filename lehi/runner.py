@@ -36,7 +36,8 @@ from lehi.distributed import Distributed, from_environment
 from lehi.optim import BUILDER_KEYS, CurvatureOptimizer, build_optimizer
 from lehi.preemption import Interrupted, StopSignals
 from lehi.record import RunBusyError, RunRecord, environment, git, identity_hash, run_dir
-from lehi.train import Trainer, TrainerConfig
+from lehi.train import Trainer
+from lehi.trainer_config import TrainerConfig
 
 __all__ = ["BAD_INPUT", "RunFailed", "build", "plan", "run"]
 

@@ -15,16 +15,15 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lehi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lehi.config import ConfigError, check_call
+from lehi.config import ConfigError
 from lehi.curvature import get_loss_rule
 from lehi.data import DataBundle
 from lehi.distributed import Distributed
@@ -34,62 +33,11 @@ from lehi.models.flops import device_peak_flops, flops_per_token, mfu
 from lehi.models.llama import Llama
 from lehi.models.stateful import StatefulModel
 from lehi.optim import backward
+from lehi.progress import LossWindow, progress_bar
 from lehi.record import RunRecord
+from lehi.trainer_config import TrainerConfig, evaluation_steps, lr_lambda
 
 __all__ = ["Trainer", "TrainerConfig", "lr_lambda"]
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The ``trainer`` section of the config; conf/trainer/default.yaml holds every default
-    and documents each key. The field types are the section's schema (lehi.config)."""
-
-    device: str
-    precision: Literal["auto", "fp32", "bf16"]
-    compile: bool
-    threads: int | None
-    epochs: int | None
-    max_steps: int | None
-    grad_accum: int
-    eval_every: int | None
-    evaluations: int | None
-    log_every: int
-    grad_clip: float | None
-    schedule: Literal["constant", "cosine"]
-    warmup_fraction: float
-    min_lr_ratio: float
-    divergence_factor: float
-    checkpoint: bool
-    resume: bool | Literal["auto"]
-    force: bool
-    progress: bool | Literal["auto"]
-    keep_checkpoint: bool
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> TrainerConfig:
-        """Check the section (types, ranges, unknown keys) and build it; ConfigError if bad."""
-        values = {**section, **overrides}
-        check_call(cls, values, "trainer")
-        if values["epochs"] is None and values["max_steps"] is None:
-            raise ConfigError("trainer.epochs or trainer.max_steps must be set (a budget > 0)")
-        return cls(**values)
-
-
-def lr_lambda(
-    schedule: str, total_steps: int, warmup_fraction: float, min_lr_ratio: float
-) -> Callable[[int], float]:
-    """The LR multiplier after ``step`` steps: constant, or linear warm-up then cosine."""
-    warmup = int(round(warmup_fraction * total_steps))
-
-    def multiplier(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
 
 
 class Trainer:
@@ -146,7 +94,7 @@ class Trainer:
                 "batches of an epoch"
             )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.eval_steps = _evaluation_steps(self.total_steps, self.steps_per_epoch, config)
+        self.eval_steps = evaluation_steps(self.total_steps, self.steps_per_epoch, config)
         # Always a LambdaLR (its state is checkpointed); stepped only when the LR can change.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -173,7 +121,7 @@ class Trainer:
         self.train_time = 0.0
         self.wall_offset = 0.0
         self._wall_start = time.perf_counter()
-        self._window = _Window(device)
+        self._window = LossWindow(device)
 
     # ---------------------------------------------------------------------------- state
     def request_stop(self) -> None:
@@ -380,7 +328,7 @@ class Trainer:
         divergence = None
         if self.step == 0 and not self.rows:
             divergence = self._validate()
-        progress = _progress_bar(self.total_steps, self.step, self.progress)
+        progress = progress_bar(self.total_steps, self.step, self.progress)
         segment_start = time.perf_counter()
         while self.step < self.total_steps and divergence is None and not self.stop_requested:
             epoch, position = divmod(self.step, self.steps_per_epoch)
@@ -411,7 +359,7 @@ class Trainer:
                         if divergence is None:
                             self.save()
                     segment_start = time.perf_counter()
-                if divergence is not None or self.stop_requested:
+                if divergence is not None or self.stop_requested or self.step >= self.total_steps:
                     break
         self._sync()
         self.train_time += time.perf_counter() - segment_start
@@ -493,76 +441,3 @@ class Trainer:
                 return out
             out["mfu"] = mfu(tokens_per_s, flops_per_token(self.state_model, x.shape[-1]), peak)
         return out
-
-
-class _Window:
-    """The running sums of the current training-loss logging window (checkpointed)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps = 0
-        self.terms = 0
-
-    def add(
-        self, loss: Tensor, correct: Tensor | None, batches: list[tuple[Tensor, Tensor]]
-    ) -> None:
-        self.loss += loss
-        self.steps += 1
-        if correct is not None:
-            self.correct += correct
-            self.terms += sum(b[1].numel() for b in batches)
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.correct.zero_()
-        self.steps = self.terms = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss.item(),
-            "correct": self.correct.item(),
-            "steps": self.steps,
-            "terms": self.terms,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss.fill_(float(state["loss"]))
-        self.correct.fill_(float(state["correct"]))
-        self.steps = int(state["steps"])
-        self.terms = int(state["terms"])
-
-
-def _evaluation_steps(total: int, steps_per_epoch: int, config: TrainerConfig) -> frozenset[int]:
-    """The steps after which the trainer evaluates; the last step always evaluates.
-
-    ``evaluations`` spreads that many evenly over the budget; otherwise every ``eval_every``
-    steps, by default once per epoch.
-    """
-    if config.evaluations is not None:
-        n = min(config.evaluations, total)
-        return frozenset(round(k * total / n) for k in range(1, n + 1))
-    every = config.eval_every or steps_per_epoch
-    return frozenset([*range(every, total + 1, every), total])
-
-
-def _progress_bar(
-    total: int, start: int, enabled: bool
-) -> Callable[[int | None, float | None], None]:
-    """A tqdm bar (loss, steps/s) when enabled; a no-op otherwise."""
-    if not enabled:
-        return lambda step, loss: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, dynamic_ncols=True, file=sys.stderr, unit="step")
-    last = [start]
-
-    def update(step: int | None, loss: float | None) -> None:
-        if step is None:
-            bar.close()
-            return
-        bar.update(step - last[0])
-        last[0] = step
-        bar.set_postfix(loss=f"{loss:.4f}")
-
-    return update

@@ -28,9 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import lehi.data
 import lehi.models
+from lehi.config import compose
 from lehi.curvature import aux_loss
 from lehi.optim import LEHI, LEHIBrid, SophiaG, backward, build_optimizer
-from lehi.train import Trainer, TrainerConfig
+from lehi.runner import build_model
+from lehi.train import Trainer
+from lehi.trainer_config import TrainerConfig
 
 pytestmark = [
     pytest.mark.cuda,
@@ -232,14 +235,21 @@ def test_bf16_tiny_llama_with_lehi_learns_a_fixed_batch():
 
 
 def test_trainer_runs_on_cuda_with_bf16():
-    bundle = lehi.data.build("digits").to(CUDA)
+    cfg = compose(["optimizer=lehi", "trainer.device=cuda"])
+    bundle = lehi.data.build(cfg["dataset"]).to(CUDA)
     torch.manual_seed(0)
-    model = lehi.models.build("mlp", bundle).to(CUDA)
-    opt = build_optimizer("lehi", model.parameters(), lr=1e-3, loss=bundle.loss, seed=0)
-    config = TrainerConfig(
-        max_steps=20, eval_every=20, log_every=10, checkpoint=False, precision="bf16"
+    model = build_model(cfg["model"], bundle).to(CUDA)
+    opt = build_optimizer(cfg["optimizer"], model, loss=bundle.loss, ignore_index=-100, seed=0)
+    config = TrainerConfig.from_config(
+        cfg["trainer"],
+        epochs=None,
+        max_steps=20,
+        eval_every=20,
+        log_every=10,
+        checkpoint=False,
+        precision="bf16",
     )
-    trainer = Trainer(model, opt, bundle, config, device=CUDA, seed=0, files=None)
+    trainer = Trainer(model, opt, bundle, config, device=CUDA, seed=0, record=None)
     summary = trainer.fit()
     assert summary["status"] == "completed" and summary["steps"] == 20
     assert summary["curvature_passes"] == 20

@@ -22,7 +22,8 @@ from lehi.optim import build_optimizer
 from lehi.record import METRIC_COLUMNS, RunRecord, find_runs
 from lehi.record import run_dir as record_dir
 from lehi.runner import build_model, run
-from lehi.train import Trainer, TrainerConfig
+from lehi.train import Trainer
+from lehi.trainer_config import TrainerConfig
 
 OPTIMIZERS = ["adam", "adamw", "lehi", "lehibrid", "sophia"]
 
@@ -292,3 +293,13 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, optimizer, one_th
     assert accumulated["steps"] == full["steps"] == 44
     assert accumulated["curvature_passes"] == full["curvature_passes"]
     assert accumulated["final"]["val_loss"] == pytest.approx(full["final"]["val_loss"], rel=1e-5)
+
+
+def test_step_budget_ends_mid_epoch_at_its_step(tmp_path, one_thread):
+    # digits has 22 steps per epoch: a 30-step budget stops inside the second epoch.
+    cfg = compose_config(digits_overrides(tmp_path, "trainer.epochs=null", "trainer.max_steps=30"))
+    summary = run(cfg)
+    assert summary["steps"] == summary["total_steps"] == 30
+    assert summary["final"]["step"] == 30
+    rows = read_metrics(only_run(tmp_path / "results"))
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 22, 30]
