@@ -7,7 +7,6 @@ import importlib.util
 import shutil
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from conftest import CONF, REPO
