@@ -70,3 +70,20 @@ bench: $(STAMP)
 .PHONY: check-results
 check-results: $(STAMP)
 	$(PY) -m lehi.results check --root $(RESULTS)
+
+# Mutation testing (mutmut; slow, not part of `make test`; README says how long it takes):
+# lehi/curvature.py and lehi/optim/ against the fast optimizer tests ([tool.mutmut] in
+# pyproject.toml). Work copy in mutants/; equivalent survivors: tests/mutation_survivors.md.
+.PHONY: mutate
+$(VENV)/bin/mutmut: $(STAMP)
+	$(PY) -m pip install --quiet "mutmut>=3.2"
+
+mutate: $(VENV)/bin/mutmut
+	$(VENV)/bin/mutmut run --max-children $(shell $(PY) -c "import os; print(os.cpu_count())")
+	$(VENV)/bin/mutmut export-cicd-stats
+	@$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+		done = s['total'] - s['skipped'] - s['no_tests']; \
+		killed = s['killed'] + s['timeout']; \
+		print(f\"mutation score {killed / done:.1%} ({killed} of {done} mutants that a selected test reaches); \
+	{killed / (s['total'] - s['skipped']):.1%} of all {s['total'] - s['skipped']}\")"
+	$(VENV)/bin/mutmut results

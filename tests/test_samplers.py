@@ -3,11 +3,14 @@
 The inverse-CDF sampler must return, for its uniform u, the first class whose cumulative
 probability exceeds u·total. The uniforms are known here by reading the generator's stream
 ahead on a copy of the generator, so boundary values (u = 0, u just below 1, u·total equal
-to a cumulative sum) are exercised on the real sampler, not on a re-implementation.
+to a cumulative sum) are exercised on the real sampler, not on a re-implementation. Rows of
+hundreds of classes, with mass and zeros placed across the whole row, reach every level of a
+sampler that searches blocks of classes before classes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -31,8 +34,15 @@ def coming_uniforms(generator: torch.Generator, rows: int) -> torch.Tensor:
     return torch.rand((rows, 1), generator=copy_of(generator))
 
 
-def generator_before(value: float, seed: int = 0, chunk: int = 1 << 22) -> torch.Generator:
+def generator_before(value: float) -> torch.Generator:
     """A generator whose next float32 uniform is ``value`` (found by reading its stream)."""
+    generator = torch.Generator()
+    generator.set_state(state_before(value))
+    return generator
+
+
+@functools.cache
+def state_before(value: float, seed: int = 0, chunk: int = 1 << 22) -> torch.Tensor:
     search = torch.Generator().manual_seed(seed)
     skipped = 0
     for _ in range(64):
@@ -45,18 +55,35 @@ def generator_before(value: float, seed: int = 0, chunk: int = 1 << 22) -> torch
         raise AssertionError(f"no uniform equal to {value} in the first {64 * chunk} draws")
     generator = torch.Generator().manual_seed(seed)
     torch.rand(skipped, generator=generator)
-    return generator
+    return generator.get_state()
 
 
 def first_class_above(cdf_row: torch.Tensor, threshold: float) -> int:
     return next(j for j, c in enumerate(cdf_row.tolist()) if c > threshold)
 
 
+#: (first, second) classes holding a row's mass, zeros elsewhere: neighbours, far apart, at
+#: both ends, in one block of classes and across blocks of any power-of-two width up to 512.
+PAIRS = [(0, 1), (0, 999), (5, 6), (63, 64), (64, 65), (127, 128), (100, 900), (511, 512)]
+
+
+def two_class_rows(first_mass: torch.Tensor, classes: int = 1000) -> list[torch.Tensor]:
+    """For each pair of PAIRS, rows with mass (m, 1 − m) on its two classes."""
+    out = []
+    for first, second in PAIRS:
+        probs = torch.zeros(len(first_mass), classes)
+        probs[:, first] = first_mass
+        probs[:, second] = 1 - first_mass
+        out.append(probs)
+    return out
+
+
 # ------------------------------------------------------------------------ known uniforms
-def test_inverse_cdf_picks_the_first_class_whose_cumulative_sum_exceeds_u():
+@pytest.mark.parametrize("classes", [6, 300])
+def test_inverse_cdf_picks_the_first_class_whose_cumulative_sum_exceeds_u(classes):
     g = torch.Generator().manual_seed(1)
-    weights = torch.rand(500, 6, generator=g)
-    weights[weights < 0.3] = 0.0  # zero-probability classes anywhere in a row
+    weights = torch.rand(500, classes, generator=g)
+    weights[weights < 0.6] = 0.0  # zero-probability classes anywhere in a row
     weights[:, 2] += 0.01  # no row without mass
     probs = weights / weights.sum(-1, keepdim=True)
     u = coming_uniforms(g, len(probs))
@@ -68,30 +95,36 @@ def test_inverse_cdf_picks_the_first_class_whose_cumulative_sum_exceeds_u():
     assert bool((probs.gather(1, drawn) > 0).all())
 
 
-def test_u_equal_to_a_cumulative_sum_takes_the_next_class_with_mass():
-    """Rows (u, 0, 1 − u): u·total equals the first two cumulative sums exactly."""
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_u_equal_to_a_cumulative_sum_takes_the_next_class_with_mass(pair):
+    """Mass u on one class, 1 − u on a later one: u·total equals the cumulative sum at the
+    first and at every zero class after it, so the draw is the second class."""
     g = torch.Generator().manual_seed(2)
-    u = coming_uniforms(g, 400)[:, 0]
-    probs = torch.stack([u, torch.zeros_like(u), 1 - u], dim=1)
-    cdf = probs.cumsum(-1)
-    exact = (u * cdf[:, -1] == cdf[:, 0]) & (cdf[:, 0] == cdf[:, 1])
-    assert int(exact.sum()) > 300  # the premise: most rows hit the boundary exactly
+    u = coming_uniforms(g, 200)[:, 0]
+    probs = two_class_rows(u)[pair]
+    first, second = PAIRS[pair]
+    total = probs.sum(-1)
+    exact = (u * total == u) & (u + (1 - u) == total)
+    assert int(exact.sum()) > 150  # the premise: most rows hit the boundary exactly
     drawn = sample_categorical(probs, g, "inverse_cdf")[:, 0]
-    assert drawn[exact].tolist() == [2] * int(exact.sum())
+    assert drawn[exact].tolist() == [second] * int(exact.sum())
+    assert set(drawn.tolist()) <= {first, second}
 
 
-def test_u_zero_skips_leading_zero_probability_classes():
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_u_zero_skips_leading_zero_probability_classes(pair):
     g = generator_before(0.0)
-    assert float(coming_uniforms(g, 1)) == 0.0
-    probs = torch.tensor([[0.0, 0.0, 0.25, 0.75]])
-    assert sample_categorical(probs, g, "inverse_cdf").item() == 2
+    assert coming_uniforms(g, 1).item() == 0.0
+    probs = two_class_rows(torch.full((1,), 0.25))[pair]
+    assert sample_categorical(probs, g, "inverse_cdf").item() == PAIRS[pair][0]
 
 
-def test_u_just_below_one_never_reaches_trailing_zero_probability_classes():
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_u_just_below_one_never_reaches_trailing_zero_probability_classes(pair):
     g = generator_before(LARGEST_U)
-    assert float(coming_uniforms(g, 1)) == LARGEST_U
-    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
-    assert sample_categorical(probs, g, "inverse_cdf").item() == 1
+    assert coming_uniforms(g, 1).item() == LARGEST_U
+    probs = two_class_rows(torch.full((1,), 0.25))[pair]
+    assert sample_categorical(probs, g, "inverse_cdf").item() == PAIRS[pair][1]
 
 
 def test_a_row_without_mass_gives_the_last_class_not_an_index_past_it():
