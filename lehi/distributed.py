@@ -4,7 +4,7 @@
 the same order (same seed) and trains on its contiguous 1/N slice of every global batch, so
 an N-rank run sees exactly the batches of a 1-process run with the same global batch size.
 DistributedDataParallel averages the gradients; the curvature-aware optimizers average their
-auxiliary gradients the same way (``reduce_curvature_grads``), with N in the N-scaling the
+auxiliary gradients the same way (``configure_data_parallel``), with N in the N-scaling the
 global number of loss terms.
 """
 

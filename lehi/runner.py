@@ -220,7 +220,9 @@ def _train(p: Plan, trainer: Trainer, main: bool) -> dict[str, Any]:
         with StopSignals(trainer.request_stop) as signals, _compile_context(p):
             summary = trainer.fit()
     except Exception as exc:
-        log.exception("%s: the run crashed", p.record.dir)
+        if main:  # written directly: a host's logging set-up may have silenced our logger
+            with p.record.log.open("a") as f:
+                f.write(f"the run crashed at step {trainer.step}:\n{traceback.format_exc()}")
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         summary = trainer.summary(None, error=error.splitlines()[-1])
         if main:

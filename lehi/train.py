@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import random
 import sys
@@ -35,6 +34,7 @@ from lehi.models.stateful import StatefulModel
 from lehi.optim import backward
 from lehi.progress import LossWindow, progress_bar
 from lehi.record import RunRecord
+from lehi.summary import validation_summary
 from lehi.trainer_config import TrainerConfig, evaluation_steps, lr_lambda
 
 __all__ = ["Trainer", "TrainerConfig", "lr_lambda"]
@@ -325,72 +325,78 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the budget; returns {"status": completed|diverged|interrupted, ...}."""
         self.model.train()
-        divergence = None
-        if self.step == 0 and not self.rows:
-            divergence = self._validate()
+        divergence = self._validate() if self.step == 0 and not self.rows else None
         progress = progress_bar(self.total_steps, self.step, self.progress)
-        segment_start = time.perf_counter()
-        while self.step < self.total_steps and divergence is None and not self.stop_requested:
-            epoch, position = divmod(self.step, self.steps_per_epoch)
-            if position == 0 and isinstance(self.state_model, StatefulModel):
-                self.state_model.reset_state()
-            for batches in self._steps(epoch, position):
-                try:
-                    loss, correct = self.train_step(batches)
-                except RuntimeError:
-                    # Non-finite weights or outputs make later ops fail (e.g. sampling from
-                    # NaN probabilities): that is divergence, a result, not a crash.
-                    if self._finite(batches[-1][0]):
-                        raise
-                    divergence = "non_finite"
-                    break
-                self.step += 1
-                self._window.add(loss, correct, batches)
-                if self.monitor.initial_loss is None:
-                    self.monitor.first_loss(self._global_mean(loss.clone()).item())
-                at_eval = self.step in self.eval_steps
-                if self.step % self.config.log_every == 0 or at_eval:
-                    self._sync()
-                    self.train_time += time.perf_counter() - segment_start
-                    divergence = self._log_window()
-                    progress(self.step, self.rows[-1]["loss"])
-                    if divergence is None and at_eval:
-                        divergence = self._validate()
-                        if divergence is None:
-                            self.save()
-                    segment_start = time.perf_counter()
-                if divergence is not None or self.stop_requested or self.step >= self.total_steps:
-                    break
-        self._sync()
-        self.train_time += time.perf_counter() - segment_start
+        self._segment_start = time.perf_counter()
+        while divergence is None and not self._done():
+            divergence = self._epoch(progress)
+        self._end_segment()
         progress(None, None)
         if self.stop_requested and divergence is None and self.step < self.total_steps:
             self.save()
             return {"status": "interrupted", "steps": self.step}
         return self.summary(divergence)
 
+    def _done(self) -> bool:
+        return self.step >= self.total_steps or self.stop_requested
+
+    def _epoch(self, progress: Callable[[int | None, float | None], None]) -> str | None:
+        """The rest of the current epoch; the divergence reason if it diverged."""
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        if position == 0 and isinstance(self.state_model, StatefulModel):
+            self.state_model.reset_state()
+        for batches in self._steps(epoch, position):
+            divergence = self._step_and_log(batches, progress)
+            if divergence is not None or self._done():
+                return divergence
+        return None
+
+    def _step_and_log(
+        self, batches: list[tuple[Tensor, Tensor]], progress: Callable[..., None]
+    ) -> str | None:
+        """One step, then its train row, evaluation and checkpoint when they are due."""
+        try:
+            loss, correct = self.train_step(batches)
+        except RuntimeError:
+            # Non-finite weights or outputs make later ops fail (e.g. sampling from NaN
+            # probabilities): that is divergence, a result, not a crash.
+            if self._finite(batches[-1][0]):
+                raise
+            return "non_finite"
+        self.step += 1
+        self._window.add(loss, correct, batches)
+        if self.monitor.initial_loss is None:
+            self.monitor.first_loss(self._global_mean(loss.clone()).item())
+        at_eval = self.step in self.eval_steps
+        if self.step % self.config.log_every and not at_eval:
+            return None
+        self._end_segment()  # evaluation and checkpoints are not training time
+        divergence = self._log_window()
+        progress(self.step, self.rows[-1]["loss"])
+        if divergence is None and at_eval:
+            divergence = self._validate()
+            if divergence is None:
+                self.save()
+        self._segment_start = time.perf_counter()
+        return divergence
+
+    def _end_segment(self) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.train_time += now - self._segment_start
+        self._segment_start = now
+
     def summary(self, divergence: str | None, error: str | None = None) -> dict[str, Any]:
-        """The run's summary from its rows: status, final and best values, the last-3 mean.
+        """The run's summary: status, the validation figures, timing and throughput.
 
         ``divergence`` is the reason training stopped early, if it did; a run that reached
         its budget is checked for ``no_progress``. ``error`` makes it a failed run's summary.
         """
-        val = [r for r in self.rows if r["split"] == "val"]
-        train = [r for r in self.rows if r["split"] == "train"]
-        initial = val[0]["loss"] if val and val[0]["step"] == 0 else None
-        final = val[-1] if val else None
+        val = validation_summary(self.rows)
         if error is None and divergence is None and self.step >= self.total_steps:
-            divergence = self.monitor.at_end(initial, final["loss"] if final else None)
+            divergence = self.monitor.at_end(val["initial"]["val_loss"], val["final"]["val_loss"])
         status = "failed" if error is not None else ("diverged" if divergence else "completed")
-        finite = [r for r in val if math.isfinite(r["loss"])]
-        best = min(finite, key=lambda r: r["loss"]) if finite else None
-        last3 = [r["loss"] for r in val[-3:]]
-        mean3 = sum(last3) / len(last3) if last3 else math.nan
-        std3 = (
-            math.sqrt(sum((v - mean3) ** 2 for v in last3) / (len(last3) - 1))
-            if len(last3) > 1
-            else math.nan
-        )
+        val["initial"]["train_loss"] = self.monitor.initial_loss
         train_time = max(self.train_time, 1e-12)
         summary = {
             "status": status,
@@ -399,19 +405,7 @@ class Trainer:
             "steps": self.step,
             "total_steps": self.total_steps,
             "epochs": self.step / self.steps_per_epoch,
-            "initial": {"val_loss": initial, "train_loss": self.monitor.initial_loss},
-            "final": {
-                "val_loss": final["loss"] if final else None,
-                "val_metric": final["metric"] if final else None,
-                "train_loss": train[-1]["loss"] if train else None,
-                "step": final["step"] if final else None,
-            },
-            "best": {
-                "val_loss": best["loss"] if best else None,
-                "val_metric": best["metric"] if best else None,
-                "step": best["step"] if best else None,
-            },
-            "last3": {"val_loss_mean": mean3, "val_loss_std": std3, "n": len(last3)},
+            **val,
             "max_spike": self.monitor.max_spike,
             "wall_time": self.wall_time(),
             "train_time": self.train_time,
