@@ -93,34 +93,40 @@ def describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+#: The scalar types a config value can have, and what counts as each (bool is not a number).
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+}
+
+
 def conforms(value: Any, hint: Any) -> bool:
     """Whether a plain config value (from YAML or the command line) fits ``hint``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any or hint is inspect.Parameter.empty:
         return True
-    if hint is type(None):
-        return value is None
+    if hint in _SCALARS:
+        return _SCALARS[hint](value)
     if origin in (Union, types.UnionType):
         return any(conforms(value, a) for a in args)
     if origin is Literal:
         return any(value == a and type(value) is type(a) for a in args)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
     if origin in (tuple, list, collections.abc.Sequence):
-        if not isinstance(value, list | tuple):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(map(conforms, value, args))
-        return all(conforms(v, args[0] if args else Any) for v in value)
+        return _conforms_sequence(value, origin, args)
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # a typing construct configs cannot express: the callee checks it
+
+
+def _conforms_sequence(value: Any, origin: Any, args: tuple[Any, ...]) -> bool:
+    if not isinstance(value, list | tuple):
+        return False
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return len(value) == len(args) and all(map(conforms, value, args))
+    return all(conforms(v, args[0] if args else Any) for v in value)
 
 
 def _type_hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], bool, set[str]]:
