@@ -71,7 +71,9 @@ def test_every_experiment_preset_composes_with_its_sweep(experiment):
     assert cfg["experiment"]["name"] == experiment
     assert cfg["experiment"]["scale"] == ("small" if experiment.endswith("small") else "full")
     params = with_hydra.hydra.sweeper.params
-    assert params["optimizer"] == "glob(*)"  # every optimizer of conf/optimizer/
+    # every optimizer of conf/optimizer/, or for an ablation every reading of conf/reading/
+    axis = "reading" if experiment.startswith("ablation_") else "optimizer"
+    assert params[axis] == "glob(*)"
     lrs = [float(v) for v in params["optimizer.lr"].split(",")]
     assert lrs == sorted(lrs) and len(lrs) >= 7 and max(lrs) == pytest.approx(0.1)
     assert len(str(params["seed"]).split(",")) >= 2
