@@ -28,7 +28,8 @@ from lehi.diagnostics.metrics import (
     spearman,
     within_factor,
 )
-from lehi.diagnostics.setups import DiagnosticCNN
+from lehi.diagnostics.setups import DiagnosticCNN, get_setup
+from lehi.diagnostics.trajectory import optimizer_options, trainer_config
 from lehi.optim import build_optimizer
 
 
@@ -194,17 +195,21 @@ def test_averaged_lehi_estimate_converges_to_gauss_newton_like_one_over_sqrt_dra
 
 def test_optimizer_states_after_one_step_equal_the_instantaneous_estimates():
     """With one refresh, each bias-corrected EMA is the first input itself, and the optimizer
-    draws v from the same seeded generator as the instantaneous estimates."""
+    draws v from the same seeded generator as the instantaneous estimates. In float32, the
+    dtype the study trains in: the optimizers' fast path draws from the loss's own gradient,
+    which gives the same labels as the estimates' softmax (computed in float32) only then."""
     x, y = data("cross_entropy", n=10)
-    estimates = instantaneous_estimates(tiny_mlp(), "cross_entropy", x, y, draws=2, seed=7)
+    x = x.float()
+    estimates = instantaneous_estimates(tiny_mlp().float(), "cross_entropy", x, y, draws=2, seed=7)
     for name, key, factor in [
         ("lehi", "lehi", 1.0),
         ("lehibrid", "lehibrid", 1.0),
         ("adam", "adam", 1.0),
         ("sophia", "sophia", 1 - 0.99),
     ]:
-        model = tiny_mlp()
-        opt = build_optimizer(name, model.parameters(), lr=1e-3, loss="cross_entropy", seed=7)
+        model = tiny_mlp().float()
+        options = optimizer_options(name, "digits")  # the YAML config the study trains with
+        opt = build_optimizer(options, model, loss="cross_entropy", ignore_index=-100, seed=7)
         out = model(x)
         loss = F.cross_entropy(out, y)
         if name == "adam":
@@ -327,19 +332,71 @@ def test_study_writes_tidy_rows_for_every_estimate_and_checkpoint(study_root):
     assert "LEHI h, 1 draw" in table and "digits_mlp" in table
 
 
+def test_study_trajectory_is_the_trainers_order_and_steps(study_root):
+    """The Adam trajectory against a hand-written loop: 20 Adam steps in the trainer's batch
+    order (epoch 0, seed 0) from the seed-0 initialisation, validated by hand at 0, 10, 20."""
+    root, _ = study_root
+    traj = pd.read_csv(root / "diagnostics" / "trajectories.csv")
+    adam = traj[traj["trajectory"] == "adam"].set_index("step")
+    assert list(adam.index) == [0, 10, 20] and set(adam["status"]) == {"completed"}
+    bundle = get_setup("digits_mlp").bundle(None)
+    torch.manual_seed(0)
+    model = get_setup("digits_mlp").build_model(bundle)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def validate() -> tuple[float, float]:
+        with torch.no_grad():
+            pairs = [(model(x), y) for x, y in bundle.val.iter_epoch(0, 0)]
+        n = sum(len(y) for _, y in pairs)
+        loss = sum(F.cross_entropy(out, y, reduction="sum").item() for out, y in pairs) / n
+        return loss, sum((out.argmax(-1) == y).sum().item() for out, y in pairs) / n
+
+    batches = bundle.train.iter_epoch(0, 0)
+    for step in range(21):
+        if step in adam.index:
+            loss, accuracy = validate()
+            assert adam.loc[step, "val_loss"] == pytest.approx(loss, rel=1e-5)
+            assert adam.loc[step, "val_metric"] == pytest.approx(accuracy, abs=1e-6)
+        if step < 20:
+            x, y = next(batches)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert adam.loc[20, "val_loss"] < adam.loc[0, "val_loss"]
+
+
+def test_study_settings_come_from_the_yaml_under_the_studys_protocol():
+    config = trainer_config("digits", steps=20, threads=1)
+    assert (config.max_steps, config.epochs, config.evaluations) == (20, None, 2)
+    assert (config.grad_clip, config.schedule, config.precision, config.device) == (
+        None,
+        "constant",
+        "fp32",
+        "cpu",
+    )
+    assert config.divergence_factor == 10.0 and not config.checkpoint  # YAML; study's own
+    sophia = optimizer_options("sophia", "digits")
+    # lr is the study's (setups.OPTIMIZER_SETTINGS), the rest conf/optimizer/sophia.yaml's.
+    assert sophia["lr"] == 1e-3 and sophia["_target_"] == "lehi.optim.SophiaG"
+    assert (sophia["rho"], sophia["betas"], sophia["hessian_every"]) == (0.04, [0.965, 0.99], 10)
+
+
 def test_figure_and_table_are_regenerated_from_the_csv(study_root, tmp_path):
+    from lehi.diagnostics.report import write_report
     from plots.diagnostics import plot_diagnostics
 
     root, _ = study_root
     written = plot_diagnostics(root, tmp_path)
     names = {p.name for p in written}
-    assert {
-        "diagnostics_gauss_newton_small.png",
-        "diagnostics_hessian_small.pdf",
-        "diagnostics.md",
-    } <= names
+    assert {"diagnostics_gauss_newton_small.png", "diagnostics_hessian_small.pdf"} <= names
     assert all(p.stat().st_size > 0 for p in written)
     assert plot_diagnostics(tmp_path / "nothing", tmp_path) == []
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("diagnostics.csv", "trajectories.csv", "meta.json"):
+        (copy / name).write_bytes((root / "diagnostics" / name).read_bytes())
+    table = write_report(copy).read_text(encoding="utf-8")
+    assert table == (root / "diagnostics" / "diagnostics.md").read_text(encoding="utf-8")
 
 
 def test_study_rejects_unknown_names(tmp_path):
@@ -361,5 +418,6 @@ def test_a_diverging_trajectory_is_recorded_and_stops(tmp_path, monkeypatch):
     trajectory = pd.read_csv(tmp_path / "trajectories.csv")
     assert list(trajectory["checkpoint"]) == ["init", "diverged"]
     assert trajectory["status"].iloc[-1] == "diverged"
+    assert trajectory["divergence"].iloc[-1] == "non_finite"
     assert set(frame["checkpoint"]) == {"init"}
     assert "diverged" in (tmp_path / "diagnostics.md").read_text(encoding="utf-8")

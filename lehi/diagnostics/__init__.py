@@ -5,6 +5,7 @@ estimates  LEHI's h (one draw, averaged, per-example), LEHIBrid, Sophia, Adam's 
            EMA state each optimizer divides by, all on the exact diagonals' scale
 metrics    cosine, Spearman, relative L2, within-factor-2 (overall and per layer)
 setups     the diagnostic-size models the study trains
+trajectory one optimizer's trajectory, trained by lehi.train.Trainer, measured at its evaluations
 study      the along-training study (``python -m lehi.diagnostics.study``)
 report     its Markdown tables
 """

@@ -20,7 +20,8 @@ per-example Jacobians (and the independence of LEHI's v_n across examples) undef
 Learning rates: one per optimizer, in its stable range on these models, not tuned:
 Adam 1e-3, LEHI 3e-4 (LEHI is unstable at Adam's 1e-3, see METHOD.md), LEHIBrid 1e-3,
 Sophia 1e-3 with its published defaults otherwise (betas 0.965/0.99, ρ 0.04, weight decay 0.1,
-curvature every 10 steps). Every other hyper-parameter is the optimizer's default.
+curvature every 10 steps). OPTIMIZER_SETTINGS holds only these overrides; every other
+hyper-parameter is the optimizer's YAML default (conf/optimizer/<name>.yaml).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lehi.data.bundle import DataBundle
 
 __all__ = ["OPTIMIZER_SETTINGS", "SETUPS", "DiagnosticCNN", "Setup", "get_setup"]
 
+#: The study's overrides of conf/optimizer/<name>.yaml, by optimizer; its roster too.
 OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 1e-3},
     "lehi": {"lr": 3e-4},
