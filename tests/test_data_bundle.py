@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,3 +242,16 @@ def test_digits_bundle():
 
     pixels = load_digits().data[val_idx] / 16.0
     assert np.allclose(bundle.val.inputs.numpy(), pixels)
+
+
+def test_digits_come_from_scikit_learns_file_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    from lehi.data import digits
+
+    pixels, labels = digits.load_arrays()
+    reference = load_digits()
+    assert np.array_equal(pixels, reference.data) and np.array_equal(labels, reference.target)
+    code = "import sys, lehi.data; lehi.data.build('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -98,7 +98,8 @@ def test_download_through_temp_name(tmp_path, monkeypatch):
     rows = protein.load_rows(target, verify_checksums=False)
     assert rows.shape == (200, 10)
     assert (target / "casp" / "CASP.csv").read_bytes() == source.read_bytes()
-    assert [p.name for p in (target / "casp").iterdir()] == ["CASP.csv"]
+    # the download left no temp file; the parsed table is cached next to it
+    assert sorted(p.name for p in (target / "casp").iterdir()) == [".lehi-cache", "CASP.csv"]
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
@@ -193,3 +194,19 @@ def test_empty_binary_and_narrow_files_name_the_file(tmp_path, content, expected
     with pytest.raises(data.DataFileError) as err:
         protein.read_rows(path)
     assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+
+
+def test_parsed_rows_are_cached_by_content_and_checked(tmp_path):
+    rows = make_rows()
+    path = write_csv(tmp_path / "casp" / "CASP.csv", rows, HEADERS["plain"])
+    assert np.array_equal(protein.load_rows(tmp_path, verify_checksums=False), rows)
+    cache = tmp_path / "casp" / ".lehi-cache" / "casp-rows.npz"
+    assert cache.is_file()
+    assert np.array_equal(protein.load_rows(tmp_path, verify_checksums=False), rows)
+    rows[3, 2] = 42.0
+    write_csv(path, rows, HEADERS["plain"])
+    assert np.array_equal(protein.load_rows(tmp_path, verify_checksums=False), rows)
+    stored = dict(np.load(cache))
+    stored["rows"][0, 0] = np.inf  # a tampered entry under the right key is parsed again
+    np.savez(cache, **stored)
+    assert np.array_equal(protein.load_rows(tmp_path, verify_checksums=False), rows)

@@ -8,6 +8,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,41 @@ def test_line_endings_read_as_text_mode_does(tmp_path):
         expected = [w for line in f for w in [*line.split(), "<eos>"]]
     assert ptb.read_words(path) == expected
     assert expected.count("<eos>") == 5
+
+
+def test_tokenised_corpus_is_cached_by_content_and_checked(tmp_path):
+    write_ptb(tmp_path / "ptb")
+    fresh = ptb.load_corpus(tmp_path, verify_checksums=False)
+    cache = tmp_path / "ptb" / ".lehi-cache" / "ptb-tokens.npz"
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+
+    def same(a, b):
+        return a[0] == b[0] and all(torch.equal(a[1][s], b[1][s]) for s in ptb.SPLITS)
+
+    assert same(ptb.load_corpus(tmp_path, verify_checksums=False), fresh)
+    assert cache.stat().st_mtime_ns == stamp  # served from the cache, not rewritten
+    # an edit of the same size (and, here, the same mtime) is a different key
+    train = tmp_path / "ptb" / "ptb.train.txt"
+    stat = train.stat()
+    train.write_text(train.read_text().replace("cat", "cow"))
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = ptb.load_corpus(tmp_path, verify_checksums=False)
+    assert "cow" in edited[0] and "cat" not in edited[0]
+    # a corrupted or tampered entry is never used: the corpus is tokenised again
+    cache.write_bytes(cache.read_bytes()[:100])
+    assert same(ptb.load_corpus(tmp_path, verify_checksums=False), edited)
+    stored = dict(np.load(cache))
+    stored["train"] = stored["train"] + len(edited[0])  # ids beyond the vocabulary, same key
+    np.savez(cache, **stored)
+    assert same(ptb.load_corpus(tmp_path, verify_checksums=False), edited)
+
+
+def test_read_only_folder_gets_no_cache(tmp_path):
+    write_ptb(tmp_path / "ptb")
+    (tmp_path / "ptb").chmod(0o555)
+    try:
+        vocab, _ = ptb.load_corpus(tmp_path, verify_checksums=False)
+        assert not (tmp_path / "ptb" / ".lehi-cache").exists() and "cat" in vocab
+    finally:
+        (tmp_path / "ptb").chmod(0o755)

@@ -7,12 +7,16 @@ or leaves nothing behind, and so that "offline with data missing" is one clear e
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from lehi.io import atomic_write_bytes
 
@@ -21,11 +25,16 @@ __all__ = [
     "DataUnavailableError",
     "DownloadError",
     "atomic_write_bytes",
+    "content_key",
     "file_digest",
     "fetch_url",
+    "load_cached",
+    "store_cached",
 ]
 
 DATA_DIR_ENV = "LEHI_DATA_DIR"
+#: Folder (inside a dataset's folder) of parsed copies of its files; safe to delete.
+CACHE_DIR = ".lehi-cache"
 DEFAULT_DATA_DIR = "data"
 _CHUNK = 1 << 20
 
@@ -154,3 +163,48 @@ def fetch_url(
         if not ok:
             tmp.unlink(missing_ok=True)
             remove_empty_dirs(created)
+
+
+def content_key(kind: str, *blobs: bytes) -> str:
+    """sha256 naming parsed data: what it is (`kind`, with its format version) and the exact
+    bytes it was parsed from, so a cache entry can never describe other contents."""
+    h = hashlib.sha256(kind.encode())
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "little"))
+        h.update(blob)
+    return h.hexdigest()
+
+
+def load_cached(folder: Path, name: str, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays store_cached kept as `name` in `folder` under `key`; None when absent, stale
+    or unreadable (the caller then parses the source files again)."""
+    try:
+        with np.load(folder / CACHE_DIR / name, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            return {entry: stored[entry] for entry in stored.files if entry != "key"}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _writable(folder: Path) -> bool:
+    # A folder without write bits is read-only by intent (e.g. a shared copy), even for root.
+    try:
+        return bool(folder.stat().st_mode & 0o222) and os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
+def store_cached(folder: Path, name: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Keep `arrays` as <folder>/.lehi-cache/<name> (an .npz without pickled objects) under
+    `key`, written atomically. Skipped when `folder` is read-only or the write fails: the
+    cache only saves time, and every reader validates what it loads."""
+    if not _writable(folder):
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), **arrays)
+    try:
+        (folder / CACHE_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(folder / CACHE_DIR / name, buffer.getvalue())
+    except OSError:
+        return

@@ -32,9 +32,12 @@ from lehi.data.files import (
     DataFileError,
     DataUnavailableError,
     DownloadError,
+    content_key,
     fetch_url,
+    load_cached,
     one_line,
     resolve_data_dir,
+    store_cached,
 )
 from lehi.data.splits import split_indices, standardize
 
@@ -42,6 +45,8 @@ CASP_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00265/CASP
 COLUMNS = ("RMSD", "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9")
 NUM_ROWS = 45_730
 ROWS_SHA256 = "7ef1fe7545cf0e288fd88fd1c6a14a2ef5886f8470baca797fff3d2373f6189d"
+# Cache entry of the parsed table; bump the version when parsing changes.
+_CACHE_NAME, _CACHE_KIND = "casp-rows.npz", "casp-rows v1"
 # anything but printable ASCII, tab and line breaks: binary data or a corrupted byte
 _NOT_TEXT = re.compile(rb"[^\x20-\x7e\t\r\n]")
 
@@ -67,18 +72,27 @@ def _header_lines(path: Path, first_line: str) -> int:
     return 1
 
 
-def read_rows(path: str | os.PathLike[str]) -> np.ndarray:
-    """Parse CASP.csv into a float64 array (N, 10): RMSD, F1..F9.
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
 
-    The file is untrusted: it must be printable ASCII text (after an optional UTF-8 BOM),
+
+def read_rows(path: str | os.PathLike[str]) -> np.ndarray:
+    """Parse CASP.csv into a float64 array (N, 10): RMSD, F1..F9 (see rows_of)."""
+    path = Path(path)
+    return rows_of(path, _read_bytes(path))
+
+
+def rows_of(path: Path, raw: bytes) -> np.ndarray:
+    """Parse `raw`, the bytes of the CASP table `path`, into a float64 array (N, 10).
+
+    The bytes are untrusted: they must be printable ASCII text (after an optional UTF-8 BOM),
     with the expected header if any, ten numbers on every non-blank row and every value
     finite; any fault is a DataFileError naming the file.
     """
-    path = Path(path)
-    try:
-        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    except OSError as exc:
-        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     stray = _NOT_TEXT.search(raw)
     if stray is not None:
         raise DataFileError(
@@ -168,9 +182,31 @@ def load_rows(
                 f"CASP.csv missing in {path.parent} and {exc}; copy CASP.csv (UCI protein "
                 "tertiary structure, 45,730 rows) there or run once with network access"
             ) from None
-    rows = read_rows(path)
+    rows = _cached_rows(path)
     if verify_checksums:
         check_rows(rows, path)
+    return rows
+
+
+def _cached_rows(path: Path) -> np.ndarray:
+    """read_rows through a cache in <folder>/.lehi-cache/ keyed on the sha256 of the file's
+    bytes (read on every call, so an edited file is never served stale); a cached table that
+    is not (N, 10) finite float64 is parsed again."""
+    raw = _read_bytes(path)
+    key = content_key(_CACHE_KIND, raw)
+    stored = load_cached(path.parent, _CACHE_NAME, key)
+    rows = None if stored is None else stored.get("rows")
+    if (
+        rows is not None
+        and rows.dtype == np.float64
+        and rows.ndim == 2
+        and rows.shape[0] > 0
+        and rows.shape[1] == len(COLUMNS)
+        and np.isfinite(rows).all()
+    ):
+        return rows
+    rows = rows_of(path, raw)
+    store_cached(path.parent, _CACHE_NAME, key, {"rows": rows})
     return rows
 
 

