@@ -257,7 +257,8 @@ def write_summary(
     target_factor: float = stats.TARGET_FACTOR,
 ) -> list[Path]:
     """Write ``<root>/summary.csv`` (best-LR rows), ``<root>/significance.csv`` and
-    ``<root>/summary.md``, each atomically; returns their paths.
+    ``<root>/summary.md``, each atomically, and with ablation experiments
+    ``<root>/ablation.{csv,md}`` (:mod:`lehi.results.ablation`); returns their paths.
 
     Pass ``results`` (from :func:`collect`) to reuse tables already computed. Raises
     FileNotFoundError when there is no finished run under ``root``.
@@ -271,4 +272,7 @@ def write_summary(
     atomic_write_text(paths[0], results.best.to_csv(index=False))
     atomic_write_text(paths[1], results.significance.to_csv(index=False))
     atomic_write_text(paths[2], render_markdown(results))
-    return paths
+    # Imported here: the ablation module renders with this module's helpers.
+    from lehi.results.ablation import write_ablation
+
+    return paths + write_ablation(root, results)
