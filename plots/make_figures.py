@@ -18,13 +18,14 @@ if __package__ in (None, ""):  # run as `python plots/make_figures.py`: repo roo
 
 from collections.abc import Sequence
 
-from plots import common, cost, diagnostics, loss_curves, lr_sensitivity
+from plots import ablation, common, cost, diagnostics, loss_curves, lr_sensitivity
 
 FIGURES: list[common.FigureFn] = [
     lr_sensitivity.make,
     loss_curves.make,
     cost.make,
     diagnostics.make,
+    ablation.make,
 ]
 
 
