@@ -87,3 +87,10 @@ mutate: $(VENV)/bin/mutmut
 		print(f\"mutation score {killed / done:.1%} ({killed} of {done} mutants that a selected test reaches); \
 	{killed / (s['total'] - s['skipped']):.1%} of all {s['total'] - s['skipped']}\")"
 	$(VENV)/bin/mutmut results
+
+# Exact zeros of h at LEHI's first step, per layer, and its first step against Adam's on the
+# ablation datasets (+ PTB when its data is there); CPU, under a minute:
+# $(RESULTS)/ablation_zero_h.{csv,md}. ARGS="--data-dir DIR --seeds 0 1 2" to change either.
+.PHONY: zero-h
+zero-h: $(STAMP)
+	$(PY) -m lehi.diagnostics.zero_h --out $(RESULTS)/ablation_zero_h.csv $(ARGS)
