@@ -284,9 +284,14 @@ class CurvatureOptimizer(Optimizer):
         self._finish_refresh()
 
     def _reuses_loss_gradient(self, loss: Tensor, outputs: Tensor) -> bool:
-        """Whether v can be built from the ordinary backward's gradient at the outputs."""
+        """Whether v can be built from the ordinary backward's gradient at the outputs.
+
+        Only for float32 outputs: the recomputing path draws from float32 probabilities, and
+        the same uniforms against float64 ones can pick another label at a boundary.
+        """
         return (
-            self.loss_name == "cross_entropy"
+            outputs.dtype == torch.float32
+            and self.loss_name == "cross_entropy"
             and self.sampler == "inverse_cdf"
             and self.estimator == "sampled"
             and (self.first_refresh_draws == 1 or self.curvature_passes > 0)
