@@ -52,6 +52,7 @@ sweep: $(STAMP)
 publish: $(STAMP)
 	@git diff --quiet HEAD -- lehi conf experiments run.py && test -z "$$(git status --porcelain -- lehi conf experiments run.py)" \
 		|| { echo "error: commit lehi/, conf/, experiments/ and run.py first: results come from a clean tree"; exit 2; }
+	@mkdir -p $(RESULTS) && $(PY) -m pip freeze --exclude-editable > $(RESULTS)/constraints.txt
 	$(PY) run.py -m experiment=$(EXP) paths.results_dir=$(RESULTS) $(ARGS)
 
 # The Hessian-imitation study (CPU, about a minute): results/diagnostics/*.csv and its table;
