@@ -4,6 +4,9 @@ Each step computes ``outputs = model(x)`` once, the loss from them, and hands
 (loss, outputs, targets) to ``lehi.optim.backward``, which fills ``.grad`` and, when a
 curvature-aware optimizer refreshes its curvature this step, its Hessian-imitation estimate
 from the same graph. Nothing else here knows which optimizer runs.
+
+(Slightly over 400 lines on purpose: the loop, its evaluation and its checkpoint state stay in
+one class, because a checkpoint must capture exactly what the loop keeps between steps.)
 """
 
 from __future__ import annotations
