@@ -597,5 +597,25 @@ def test_gradient_refresh_scaled_by_batch_without_backward_is_a_clear_error():
     ((x, y),) = make_steps("cross_entropy", [[8]])[0]
     opt = LEHI(model.parameters(), curvature_warmup="grad", scale_by_batch=True, seed=SEED)
     loss_of("cross_entropy", model(x), y).backward()
-    with pytest.raises(RuntimeError, match=r"scale_by_batch needs N: call optimizer\.backward"):
+    with pytest.raises(
+        RuntimeError, match=r"^LEHI with scale_by_batch needs N: call optimizer\.backward"
+    ):
         opt.step()
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "per_example"])
+def test_a_parameter_without_curvature_takes_adams_first_step(estimator):
+    """A penalty-only parameter has g but no auxiliary gradient: it folds g⊙g (Adam's rule),
+    so its first step is −lr·g/(|g| + ε)."""
+    model = make_model("cross_entropy")
+    extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    ((x, y),) = make_steps("cross_entropy", [[8]])[0]
+    opt = LEHI([*model.parameters(), extra], lr=0.1, eps=1e-3, estimator=estimator, seed=SEED)
+    z = model(x)
+    loss = loss_of("cross_entropy", z, y) + 0.3 * (extra**3).sum()
+    opt.backward(loss, z, y, model=model, inputs=x)
+    g = extra.grad.clone()
+    expected = extra.detach() - 0.1 * g / (g.abs() + 1e-3)
+    opt.step()
+    torch.testing.assert_close(extra.detach(), expected)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
