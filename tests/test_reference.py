@@ -27,7 +27,7 @@ from test_optim_paths import compile_works
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lehi.curvature import aux_vector
+from lehi.curvature import aux_vector, per_example_curvature
 from lehi.optim import LEHI, LEHIBrid, SophiaG
 
 SEED = 11
@@ -77,8 +77,10 @@ def terms(loss: str, y: Tensor) -> int:
     return len(y) if loss == "mse" else int((y != IGNORE).sum())
 
 
-def draw_v(loss: str, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-    v = aux_vector(loss, out.detach(), y, gen, ignore_index=IGNORE, sampler=SAMPLER)
+def draw_v(
+    loss: str, out: Tensor, y: Tensor, gen: torch.Generator, sampler: str = SAMPLER
+) -> Tensor:
+    v = aux_vector(loss, out.detach(), y, gen, ignore_index=IGNORE, sampler=sampler)
     if loss != "mse":
         v = v * (y != IGNORE).unsqueeze(1)  # METHOD.md: ignored targets get v = 0
     return v
@@ -106,6 +108,7 @@ class Options:
     mix_weight: float = 0.5
     rho: float | None = None  # not None: SophiaG
     curvature_grad_clip: float | None = 1.0
+    sampler: str = SAMPLER
 
     def kwargs(self) -> dict[str, Any]:
         if self.rho is not None:
@@ -155,7 +158,14 @@ class Pass:
 
 
 def gradients(
-    model: nn.Module, loss: str, step: Step, estimator: str, gen, refresh: bool, draws: int = 1
+    model: nn.Module,
+    loss: str,
+    step: Step,
+    estimator: str,
+    gen,
+    refresh: bool,
+    draws: int = 1,
+    sampler: str = SAMPLER,
 ):
     """g = ∇f of the step's batch and, on refresh steps, a = ∇L_aux with its N.
 
@@ -183,12 +193,12 @@ def gradients(
         if draws > 1:
             squares = [torch.zeros_like(p) for p in params]
             for _ in range(draws):
-                aux = (draw_v(loss, z, y, gen) * z).sum() / n
+                aux = (draw_v(loss, z, y, gen, sampler) * z).sum() / n
                 for acc, ai in zip(squares, torch.autograd.grad(aux, params, retain_graph=True)):
                     acc += ai.square() / draws
             out.a = [sq.sqrt() for sq in squares]
             continue
-        v = draw_v(loss, z, y, gen)
+        v = draw_v(loss, z, y, gen, sampler)
         aux = (v * z).sum() / n  # L_aux = (1/N) Σ_n v_n · z_n
         for acc, ai in zip(out.a, torch.autograd.grad(aux / k, params)):
             acc += ai
@@ -223,7 +233,7 @@ def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -
         )
         draws = o.warmup_length if o.curvature_warmup == "draws" and r == 0 else 1
         estimator = "squared_gradient" if from_gradient else o.estimator
-        b = gradients(model, loss, step, estimator, gen, refresh, draws)
+        b = gradients(model, loss, step, estimator, gen, refresh, draws, o.sampler)
         if from_gradient and refresh:
             b.n = sum(terms(loss, y) for _, y in step)
         with torch.no_grad():
@@ -278,7 +288,7 @@ def sophia_reference(
     n = 0
     for t, step in enumerate(steps, start=1):
         refresh = (t - 1) % o.hessian_every == 0
-        b = gradients(model, loss, step, "sampled", gen, refresh)
+        b = gradients(model, loss, step, "sampled", gen, refresh, sampler=o.sampler)
         with torch.no_grad():
             if refresh:
                 n = b.n
@@ -311,7 +321,7 @@ def train(model: nn.Module, loss: str, steps: list[Step], o: Options, **path: An
         model.parameters(),
         loss=loss,
         ignore_index=IGNORE,
-        sampler=SAMPLER,
+        sampler=o.sampler,
         seed=SEED,
         **o.kwargs(),
         **path,
@@ -366,6 +376,10 @@ CASES = {
     "per_example-mse": Case(
         Options(estimator="per_example"), dict(estimator="sampled"), loss="mse"
     ),
+    "per_example-multinomial": Case(
+        Options(estimator="per_example", sampler="multinomial"), dict(sampler=SAMPLER)
+    ),
+    "sampled-multinomial": Case(Options(sampler="multinomial"), dict(sampler=SAMPLER)),
     "squared_gradient": Case(Options(estimator="squared_gradient"), dict(estimator="sampled")),
     # the refresh schedule; v̂ divides by 1 − β2^r, r = refreshes (1, 1, 1, 2, 2, 2, 3)
     "hessian_every": Case(Options(hessian_every=3), dict(hessian_every=1), sizes=((8,),) * 7),
@@ -458,6 +472,7 @@ CASES = {
     "sophia-weight_decay": Case(replace(SOPHIA, weight_decay=2.0), dict(weight_decay=0.0)),
     "sophia-mse": Case(SOPHIA, dict(rho=0.05), loss="mse"),
     "sophia-ignored": Case(SOPHIA, dict(rho=0.05), ignored=3),
+    "sophia-multinomial": Case(replace(SOPHIA, sampler="multinomial"), dict(sampler=SAMPLER)),
     "sophia-accumulation": Case(
         replace(SOPHIA, curvature_grad_clip=None), dict(rho=0.05), sizes=ACCUMULATED
     ),
@@ -619,3 +634,31 @@ def test_a_parameter_without_curvature_takes_adams_first_step(estimator):
     opt.step()
     torch.testing.assert_close(extra.detach(), expected)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_per_example_curvature_is_the_sum_of_per_example_squares():
+    """lehi.curvature.per_example_curvature against the one-example-at-a-time reference, for
+    all parameters and for a named subset."""
+    model = make_model("cross_entropy")
+    ((x, y),) = make_steps("cross_entropy", [[8]], ignored=2)[0]
+    expected = gradients(
+        model, "cross_entropy", [(x, y)], "per_example", torch.Generator().manual_seed(4), True
+    ).per_example_h
+    names = [name for name, _ in model.named_parameters()]
+    h = per_example_curvature(
+        model, x, y, "cross_entropy", torch.Generator().manual_seed(4), ignore_index=IGNORE
+    )
+    assert list(h) == names
+    for name, e in zip(names, expected):
+        torch.testing.assert_close(h[name], e)
+    some = per_example_curvature(
+        model,
+        x,
+        y,
+        "cross_entropy",
+        torch.Generator().manual_seed(4),
+        params=[names[2]],
+        ignore_index=IGNORE,
+    )
+    assert list(some) == [names[2]]
+    torch.testing.assert_close(some[names[2]], expected[2])
