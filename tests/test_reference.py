@@ -662,3 +662,13 @@ def test_per_example_curvature_is_the_sum_of_per_example_squares():
     )
     assert list(some) == [names[2]]
     torch.testing.assert_close(some[names[2]], expected[2])
+
+
+def test_per_example_curvature_runs_models_with_dropout():
+    """vmap must be told how random layers draw (one mask for the batch), or it refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    ((x, y),) = make_steps("cross_entropy", [[8]])[0]
+    h = per_example_curvature(model, x, y, "cross_entropy", torch.Generator().manual_seed(1))
+    assert all(bool(torch.isfinite(t).all()) for t in h.values())
+    assert sum(float(t.sum()) for t in h.values()) > 0
