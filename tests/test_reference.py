@@ -672,3 +672,12 @@ def test_per_example_curvature_runs_models_with_dropout():
     h = per_example_curvature(model, x, y, "cross_entropy", torch.Generator().manual_seed(1))
     assert all(bool(torch.isfinite(t).all()) for t in h.values())
     assert sum(float(t.sum()) for t in h.values()) > 0
+
+
+def test_per_example_estimator_refuses_gradient_accumulation():
+    model = make_model("cross_entropy")
+    ((x, y),) = make_steps("cross_entropy", [[8]])[0]
+    opt = LEHI(model.parameters(), estimator="per_example", seed=SEED)
+    z = model(x)
+    with pytest.raises(ValueError, match="^estimator='per_example' does not support gradient acc"):
+        opt.backward(loss_of("cross_entropy", z, y) / 2, z, y, micro_batch=(0, 2))
