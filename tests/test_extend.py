@@ -76,8 +76,8 @@ def test_an_optimizer_added_by_module_config_and_roster_entry_runs_a_sweep(
         "logger=files",
         f"paths.results_dir={results}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "hydra/job_logging=disabled",
-        "hydra/hydra_logging=disabled",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     script.main()

@@ -93,8 +93,8 @@ def _cli(monkeypatch, capsys, tmp_path: Path, args: list[str]) -> tuple[int, str
     spec.loader.exec_module(script)
     hydra_args = [
         f"hydra.run.dir={tmp_path / 'hydra'}",
-        "hydra/job_logging=disabled",
-        "hydra/hydra_logging=disabled",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
     ]
     config_path = ["--config-path", str(REPO / "conf")]
     monkeypatch.setattr(sys, "argv", ["run.py", *config_path, *args, *hydra_args])

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # `plots` is a folder of scripts at the repo root
 from lehi import results as R  # noqa: E402
 from lehi.results import Results, collect, stepcost  # noqa: E402
 from lehi.roster import color as roster_color  # noqa: E402
-from plots import cost, diagnostics, loss_curves, lr_sensitivity, make_figures  # noqa: E402
+from plots import ablation, cost, diagnostics, loss_curves, lr_sensitivity, make_figures  # noqa: E402
 from plots.style import UNSTABLE_LABEL, label  # noqa: E402
 
 EVAL_STEPS = np.array([10, 20, 30, 40, 50])
@@ -317,6 +317,7 @@ def test_figure_list() -> None:
         loss_curves.make,
         cost.make,
         diagnostics.make,
+        ablation.make,
     ]
 
 
