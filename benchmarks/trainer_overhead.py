@@ -33,6 +33,7 @@ def make_bundle(n: int, batch_size: int) -> DataBundle:
         name="synthetic-mnist",
         loss="cross_entropy",
         metric="accuracy",
+        task="classification",
         input_shape=(784,),
         num_outputs=10,
         train=TensorBatches(x, y, batch_size),

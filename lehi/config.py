@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 TOP_LEVEL = ("seed", "experiment", "paths", "dataset", "model", "optimizer", "trainer", "logger")
 SECTIONS: dict[str, dict[str, Any]] = {
     "experiment": {"name": str, "scale": Literal["full", "small"]},
-    "paths": {"data_dir": str, "results_dir": str, "run_dir": str | None},
+    "paths": {"data_dir": str, "results_dir": str, "cache_dir": str, "run_dir": str | None},
     "logger": {
         "name": Literal["wandb", "files"],
         "mode": Literal["online", "offline", "disabled"],

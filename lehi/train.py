@@ -418,7 +418,7 @@ class Trainer:
             "precision": self.precision,
             "error": error,
         }
-        if self.bundle.metric == "perplexity" and self.step:
+        if self.bundle.task == "language_model" and self.step:
             summary.update(self._throughput(train_time))
         return summary
 
