@@ -212,7 +212,9 @@ def gradients(
     return out
 
 
-def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -> list[Tensor]:
+def lehi_reference(
+    model: nn.Module, loss: str, steps: list[Step], o: Options, gen: torch.Generator | None = None
+) -> list[Tensor]:
     """METHOD.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
 
     LEHIBrid with scale_by_batch scales the hybrid, s·hybrid(g⊙g, h), so that like is compared
@@ -220,7 +222,7 @@ def lehi_reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -
     """
     model = copy.deepcopy(model)
     params = list(model.parameters())
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED) if gen is None else gen
     beta1, beta2 = o.betas
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -326,6 +328,11 @@ def train(model: nn.Module, loss: str, steps: list[Step], o: Options, **path: An
         **o.kwargs(),
         **path,
     )
+    run_steps(model, loss, steps, opt)
+    return [p.detach() for p in model.parameters()]
+
+
+def run_steps(model: nn.Module, loss: str, steps: list[Step], opt) -> None:
     for step in steps:
         opt.zero_grad()
         k = len(step)
@@ -336,7 +343,6 @@ def train(model: nn.Module, loss: str, steps: list[Step], o: Options, **path: An
             else:
                 opt.backward(loss_of(loss, z, y) / k, z, y, micro_batch=(i, k))
         opt.step()
-    return [p.detach() for p in model.parameters()]
 
 
 def assert_params_close(actual: list[Tensor], expected: list[Tensor]) -> None:
@@ -376,6 +382,8 @@ CASES = {
     "per_example-mse": Case(
         Options(estimator="per_example"), dict(estimator="sampled"), loss="mse"
     ),
+    # a batch with one loss term left: N = 1
+    "sampled-one_term": Case(Options(), dict(estimator="squared_gradient"), ignored=7),
     "per_example-multinomial": Case(
         Options(estimator="per_example", sampler="multinomial"), dict(sampler=SAMPLER)
     ),
@@ -681,3 +689,108 @@ def test_per_example_estimator_refuses_gradient_accumulation():
     z = model(x)
     with pytest.raises(ValueError, match="^estimator='per_example' does not support gradient acc"):
         opt.backward(loss_of("cross_entropy", z, y) / 2, z, y, micro_batch=(0, 2))
+
+
+# ------------------------------------------------------------------ state and edge paths
+def penalised_step(model: nn.Module, extra: nn.Parameter, opt, step: Step) -> None:
+    """One step whose loss adds a penalty on ``extra``, a parameter outside the model."""
+    opt.zero_grad()
+    k = len(step)
+    for i, (x, y) in enumerate(step):
+        z = model(x)
+        loss = loss_of("cross_entropy", z, y) + 0.3 * (extra**3).sum()
+        if k == 1:
+            opt.backward(loss, z, y, model=model, inputs=x)
+        else:
+            opt.backward(loss / k, z, y, micro_batch=(i, k))
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(curvature_warmup="draws", warmup_length=3)], ids=["one", "draws"]
+)
+def test_a_parameter_without_curvature_under_accumulation_and_several_draws(options):
+    """Its auxiliary gradient is None on every micro-batch and every draw: it still takes
+    Adam's step, and the model's parameters follow the run without it."""
+    model, extra = make_model("cross_entropy"), nn.Parameter(torch.tensor([0.5, -1.0]))
+    opt = LEHI([*model.parameters(), extra], lr=0.1, eps=1e-3, seed=SEED, **options)
+    step = make_steps("cross_entropy", [[3, 5]])[0]
+    start = extra.detach().clone()
+    penalised_step(model, extra, opt, step)
+    g = 0.3 * 3 * start**2
+    torch.testing.assert_close(extra.detach(), start - 0.1 * g / (g.abs() + 1e-3))
+    plain = make_model("cross_entropy")
+    o = Options(lr=0.1, eps=1e-3, **options)
+    expected = train(plain, "cross_entropy", [step], o)
+    assert_params_close(list(model.parameters()), expected)
+
+
+def test_an_interrupted_accumulation_is_discarded_by_the_next_step():
+    """A step abandoned after its first micro-batch leaves nothing behind."""
+    model = make_model("cross_entropy")
+    steps = make_steps("cross_entropy", [[3, 5]] * 2)
+    o = Options(scale_by_batch=True)
+    opt = LEHI(model.parameters(), ignore_index=IGNORE, sampler=SAMPLER, seed=SEED, **o.kwargs())
+    x0, y0 = steps[0][0]
+    z = model(x0)
+    opt.backward(loss_of("cross_entropy", z, y0) / 2, z, y0, micro_batch=(0, 2))
+    for step in steps:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(step):
+            z = model(x)
+            opt.backward(loss_of("cross_entropy", z, y) / 2, z, y, micro_batch=(i, 2))
+        opt.step()
+    gen = torch.Generator().manual_seed(SEED)
+    draw_v("cross_entropy", make_model("cross_entropy")(x0), y0, gen)  # the abandoned draw
+    expected = lehi_reference(make_model("cross_entropy"), "cross_entropy", steps, o, gen)
+    assert_params_close(list(model.parameters()), expected)
+
+
+def fresh_lehi(params) -> LEHI:
+    return LEHI(params, lr=0.02, eps=1e-2, ignore_index=IGNORE, sampler=SAMPLER, seed=SEED)
+
+
+def checkpoint(opt: torch.optim.Optimizer) -> dict:
+    """The state dict as a checkpoint file holds it: a copy, sharing no tensor with ``opt``."""
+    return copy.deepcopy(opt.state_dict())
+
+
+def test_state_dict_round_trips_before_the_first_draw_and_right_after_loading():
+    """A checkpoint of an optimizer that never drew loads; a checkpoint saved by a loaded
+    optimizer before its first draw still carries the generator, so training continues
+    exactly as without the checkpoints."""
+    steps = make_steps("cross_entropy", [[8]] * 4)
+    model = make_model("cross_entropy")
+    opt = fresh_lehi(model.parameters())
+    fresh_lehi(make_model("cross_entropy").parameters()).load_state_dict(checkpoint(opt))
+    run_steps(model, "cross_entropy", steps[:2], opt)
+    first = fresh_lehi(copy.deepcopy(model).parameters())
+    first.load_state_dict(checkpoint(opt))
+    resumed = copy.deepcopy(model)
+    second = fresh_lehi(resumed.parameters())
+    second.load_state_dict(checkpoint(first))
+    run_steps(model, "cross_entropy", steps[2:], opt)
+    run_steps(resumed, "cross_entropy", steps[2:], second)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_loading_keeps_the_step_counters_in_float32_for_bfloat16_parameters():
+    """torch.optim casts loaded state to the parameter's dtype; bf16 counters would stall
+    (bf16 cannot count past 256 in steps of 1), so they stay float32. A parameter that never
+    had a gradient has no state and loads as such."""
+    model = make_model("cross_entropy").to(torch.bfloat16)
+    unused = nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = fresh_lehi([*model.parameters(), unused])
+    steps = [
+        [(x.bfloat16(), y) for x, y in step] for step in make_steps("cross_entropy", [[8]] * 3)
+    ]
+    run_steps(model, "cross_entropy", steps, opt)
+    twin = copy.deepcopy(model)
+    loaded = fresh_lehi([*twin.parameters(), nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+    loaded.load_state_dict(checkpoint(opt))
+    for p in twin.parameters():
+        for key in ("step", "curvature_step"):
+            counter = loaded.state[p][key]
+            assert counter.dtype == torch.float32 and float(counter) == 3.0, (key, counter)
+    assert len(loaded.state) == len(list(twin.parameters()))
