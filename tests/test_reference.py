@@ -378,6 +378,9 @@ CASES = {
     # LEHI, each estimator
     "sampled": Case(Options(), dict(estimator="squared_gradient")),
     "sampled-mse": Case(Options(), dict(estimator="squared_gradient"), loss="mse"),
+    "sampled-mse-one_example": Case(
+        Options(), dict(estimator="squared_gradient"), loss="mse", sizes=((1,),) * 5
+    ),
     "per_example": Case(Options(estimator="per_example"), dict(estimator="sampled")),
     "per_example-mse": Case(
         Options(estimator="per_example"), dict(estimator="sampled"), loss="mse"
@@ -416,7 +419,7 @@ CASES = {
         Options(scale_by_batch=True, estimator="per_example"), dict(scale_by_batch=False), ignored=3
     ),
     "eps_inside_sqrt": Case(Options(eps_inside_sqrt=True, eps=1e-3), dict(eps_inside_sqrt=False)),
-    "weight_decay": Case(Options(weight_decay=0.5), dict(weight_decay=0.0)),
+    "weight_decay": Case(Options(weight_decay=1.0), dict(weight_decay=0.0)),
     # the readings of the open choices (issue 12)
     "h_floor": Case(Options(h_floor=0.5), dict(h_floor=0.0)),
     "update_clip": Case(Options(update_clip=0.5), dict(update_clip=None)),

@@ -198,11 +198,15 @@ def test_cross_entropy_v_is_softmax_minus_the_drawn_one_hot(sampler):
     torch.testing.assert_close(v, expected)
 
 
-def test_mse_v_is_a_scaled_rademacher_vector():
-    """v = ±sqrt(2/q): the Hessian diagonal of MSELoss(mean) over q outputs, random signs."""
+@pytest.mark.parametrize("shape", [(4000, 3), (4000, 1), (4000,)])
+def test_mse_v_is_a_scaled_rademacher_vector(shape):
+    """v = ±sqrt(2/q): the Hessian diagonal of MSELoss(mean) over q outputs per example
+    (q = 1 for one output per example, also when outputs are a flat vector), random signs."""
     g = torch.Generator().manual_seed(9)
-    outputs = torch.randn(4000, 3)
-    v = aux_vector("mse", outputs, torch.zeros(4000, 3), g)
-    assert bool((v.abs() == math.sqrt(2.0 / 3)).all())
+    outputs = torch.randn(shape)
+    v = aux_vector("mse", outputs, torch.zeros(shape), g)
+    q = shape[1] if len(shape) > 1 else 1
+    assert v.shape == outputs.shape
+    assert bool((v.abs() == math.sqrt(2.0 / q)).all())
     positive = int((v > 0).sum())
     assert stats.binomtest(positive, v.numel(), 0.5).pvalue > 1e-4
