@@ -629,14 +629,23 @@ def test_gradient_refresh_scaled_by_batch_without_backward_is_a_clear_error():
         opt.step()
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("estimator", ["sampled", "per_example"])
-def test_a_parameter_without_curvature_takes_adams_first_step(estimator):
+def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path):
     """A penalty-only parameter has g but no auxiliary gradient: it folds g⊙g (Adam's rule),
-    so its first step is −lr·g/(|g| + ε)."""
+    so its first step is −lr·g/(|g| + ε). It is float64 here, so the multi-tensor path
+    updates two dtype groups."""
     model = make_model("cross_entropy")
-    extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
     ((x, y),) = make_steps("cross_entropy", [[8]])[0]
-    opt = LEHI([*model.parameters(), extra], lr=0.1, eps=1e-3, estimator=estimator, seed=SEED)
+    opt = LEHI(
+        [*model.parameters(), extra],
+        lr=0.1,
+        eps=1e-3,
+        estimator=estimator,
+        seed=SEED,
+        **PATHS[path],
+    )
     z = model(x)
     loss = loss_of("cross_entropy", z, y) + 0.3 * (extra**3).sum()
     opt.backward(loss, z, y, model=model, inputs=x)
