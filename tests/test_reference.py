@@ -806,3 +806,17 @@ def test_loading_keeps_the_step_counters_in_float32_for_bfloat16_parameters():
             counter = loaded.state[p][key]
             assert counter.dtype == torch.float32 and float(counter) == 3.0, (key, counter)
     assert len(loaded.state) == len(list(twin.parameters()))
+
+
+def test_a_state_dict_without_curvature_entry_loads_the_moments():
+    """A state dict of torch.optim's own form (no "curvature" entry) still loads m and v."""
+    model = make_model("cross_entropy")
+    opt = fresh_lehi(model.parameters())
+    run_steps(model, "cross_entropy", make_steps("cross_entropy", [[8]]), opt)
+    state = checkpoint(opt)
+    del state["curvature"]
+    twin = copy.deepcopy(model)
+    loaded = fresh_lehi(twin.parameters())
+    loaded.load_state_dict(state)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(loaded.state[q]["exp_avg_curvature"], opt.state[p]["exp_avg_curvature"])
