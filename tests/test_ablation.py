@@ -310,3 +310,17 @@ def test_zero_h_cli(tmp_path: Path) -> None:
     assert ((table["h_zero_fraction"] >= 0) & (table["h_zero_fraction"] <= 1)).all()
     assert (table["h_zero_fraction"] <= table["h_zero_fraction_max"]).all()
     assert out.with_suffix(".md").read_text().count("| ablation_digits |") == len(table)
+
+
+def test_trained_lrs_counts_a_run_stuck_near_its_initial_loss_as_untrained(tmp_path: Path) -> None:
+    from plots import trained_lrs
+
+    root = tmp_path / "results"
+    write_run(root, EXP, "adam", "adam", 1e-3, 0, 0.5)  # trained
+    write_run(root, EXP, "adam", "adam", 1e-3, 1, 0.6)
+    write_run(root, EXP, "adam", "adam", 1e-1, 0, 2.25)  # "completed", 2 % below the start
+    write_run(root, EXP, "adam", "adam", 1e-1, 1, 0.6)
+    write_run(root, EXP, "adam", "adam", 3e-1, 0, D)  # diverged
+    counts = trained_lrs.trained_lrs(root, progress=0.9)
+    assert counts == {EXP: {"adam": (2, 1, 3)}}
+    assert trained_lrs.trained_lrs(root, progress=0.99)[EXP]["adam"] == (2, 2, 3)
