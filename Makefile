@@ -50,7 +50,7 @@ sweep: $(STAMP)
 # The same sweep into the committed results/, only from a clean tree (every env.json must say
 # git_dirty: false). Finished runs are skipped, so a stopped sweep continues where it stopped.
 publish: $(STAMP)
-	@git diff --quiet HEAD -- lehi conf experiments run.py && test -z "$$(git status --porcelain -- lehi conf experiments run.py)" \
+	@$(PY) -c 'import sys; from lehi.record import RESULT_AFFECTING_PATHS as P, git; sys.exit(git("status", "--porcelain", "--", *P) != "")' \
 		|| { echo "error: commit lehi/, conf/, experiments/ and run.py first: results come from a clean tree"; exit 2; }
 	@mkdir -p $(RESULTS) && $(PY) -m pip freeze --exclude-editable > $(RESULTS)/constraints.txt
 	$(PY) run.py -m experiment=$(EXP) paths.results_dir=$(RESULTS) $(ARGS)
