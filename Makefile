@@ -50,8 +50,8 @@ sweep: $(STAMP)
 # The same sweep into the committed results/, only from a clean tree (every env.json must say
 # git_dirty: false). Finished runs are skipped, so a stopped sweep continues where it stopped.
 publish: $(STAMP)
-	@$(PY) -c 'import sys; from lehi.record import RESULT_AFFECTING_PATHS as P, git; sys.exit(git("status", "--porcelain", "--", *P) != "")' \
-		|| { echo "error: commit lehi/, conf/, experiments/ and run.py first: results come from a clean tree"; exit 2; }
+	@$(PY) -c 'import sys; from lehi.record import dirty_files; d = dirty_files(); print(*(d or []), sep="\n"); sys.exit(d != [])' \
+		|| { echo "error: commit the files above first: results come from a clean tree"; exit 2; }
 	@mkdir -p $(RESULTS) && $(PY) -m pip freeze --exclude-editable > $(RESULTS)/constraints.txt
 	$(PY) run.py -m experiment=$(EXP) paths.results_dir=$(RESULTS) $(ARGS)
 
@@ -65,12 +65,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/optim_bench.py --threads 1
 	$(PY) benchmarks/trainer_overhead.py --threads 1
 
-# Provenance of a results tree: lists runs made from a dirty tree or from a commit whose
-# lehi/, conf/, experiments/ or run.py differ from HEAD, and completed runs that end above their
-# initial validation loss; exits 1 when it lists any.
-.PHONY: check-results
+# Provenance of a results tree: lists runs made from a dirty tree, and runs whose commit's
+# training code (lehi.record.TRAINING_CODE) differs from HEAD's without a passing `make verify`
+# at HEAD's training code; exits 1 when it lists any.
+.PHONY: check-results verify
 check-results: $(STAMP)
 	$(PY) -m lehi.results check --root $(RESULTS)
+
+# Replays a sample of every experiment's committed runs at HEAD (scratch folder, 2 jobs) and
+# compares their metrics rows; writes results/<exp>/verified.json. EXP="digits ..." for some.
+# Data from DATA (default: the folder each run recorded).
+verify: $(STAMP)
+	$(PY) -m lehi.results verify --root $(RESULTS) --jobs 2 $(if $(DATA),--data-dir $(DATA)) $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(ARGS)
 
 # Mutation testing (mutmut; slow, not part of `make test`; README says how long it takes):
 # lehi/curvature.py and lehi/optim/ against the fast optimizer tests ([tool.mutmut] in

@@ -10,12 +10,16 @@ global number of loss terms.
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+log = logging.getLogger("lehi")
 
 __all__ = ["Distributed", "from_environment"]
 
@@ -63,8 +67,20 @@ class Distributed:
         dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the job together: a rank that tears gloo down while its peer still writes
+        the run's files aborts the peer's connection threads ("terminate called without an
+        active exception"), so every rank waits for the others first. A peer that has died
+        is not waited for past the timeout."""
+        if not dist.is_initialized():
+            return
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+            else:
+                dist.barrier()
+        except RuntimeError as exc:
+            log.warning("data parallel: not every rank reached the end (%s)", exc)
+        dist.destroy_process_group()
 
 
 def from_environment(device: torch.device) -> Distributed | None:

@@ -1,15 +1,16 @@
-"""The divergence rule: when a run has blown up, and how far it strayed when it did not.
+"""The early stop: when a run has blown up and training stops, and how far it strayed when not.
 
-A run is ``diverged`` when (README, "Divergence"):
+Training stops as ``diverged`` when (README, "Divergence"):
 
 - ``non_finite``: a training-loss window, a validation loss or the weights are not finite;
 - ``held_above_factor``: every training-loss window of a whole evaluation interval stayed
-  above ``factor`` × the initial training loss (the first step's loss);
-- ``no_progress``: it ran to its budget but ended with a validation loss above its initial
-  (step 0) validation loss.
+  above ``factor`` × the initial training loss (the first step's loss).
 
-A spike that recovers within the interval is not divergence; its size, the largest ratio of a
-training-loss window to the initial loss, is recorded as ``max_spike``.
+These are the only judgements made while training, because they cut it short. Whatever the
+finished rows decide (``no_progress``: ending above the initial validation loss; whether a
+run trained) is judged by lehi.results from metrics.csv, so changing such a rule never
+changes a run. A spike that recovers within the interval is not divergence; its size, the
+largest ratio of a training-loss window to the initial loss, is recorded as ``max_spike``.
 """
 
 from __future__ import annotations
@@ -51,15 +52,6 @@ class DivergenceMonitor:
         if not math.isfinite(val_loss):
             return "non_finite"
         return "held_above_factor" if held else None
-
-    @staticmethod
-    def at_end(initial_val_loss: float | None, final_val_loss: float | None) -> str | None:
-        """ "no_progress" when a run that reached its budget ends worse than it started."""
-        if initial_val_loss is None or final_val_loss is None:
-            return None
-        if not math.isfinite(final_val_loss):
-            return "non_finite"
-        return "no_progress" if final_val_loss > initial_val_loss else None
 
     def state_dict(self) -> dict[str, Any]:
         return {

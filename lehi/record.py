@@ -80,6 +80,7 @@ NON_IDENTITY = (
     "trainer.progress",
     "trainer.checkpoint",
     "trainer.keep_checkpoint",
+    "trainer.stop_after_evaluations",
 )
 
 
@@ -250,8 +251,14 @@ def _parse_number(text: str | None, key: str) -> float | int | None:
 
 
 # ----------------------------------------------------------------------------- env.json
-#: The code whose changes can change results; provenance checks compare it across commits.
-RESULT_AFFECTING_PATHS = ("lehi", "conf", "experiments", "run.py")
+#: Training code: everything that can change a run's metrics rows (data, models, optimizers,
+#: curvature, trainer, runner, this record, configs, presets, run.py), as git pathspecs.
+#: Analysis code (:data:`ANALYSIS_CODE`: lehi.results, the diagnostics studies, plots) reads
+#: finished runs and never expires them. A run is current while its commit's training code
+#: equals HEAD's, or while a verification at HEAD's training code replays it to the same rows
+#: (``python -m lehi.results verify``).
+ANALYSIS_CODE = ("lehi/results", "lehi/diagnostics", "plots")
+TRAINING_CODE = ("lehi", "conf", "experiments", "run.py", *(f":!{p}" for p in ANALYSIS_CODE))
 
 
 def git(*args: str) -> str | None:
@@ -269,33 +276,83 @@ def git(*args: str) -> str | None:
     return out.stdout.rstrip() if out.returncode == 0 else None
 
 
-def environment(device: Any) -> dict[str, Any]:
-    """Where and with what a run ran: git commit and dirty flag, library versions, host.
+def dirty_files() -> list[str] | None:
+    """Files that make this checkout dirty for a run; None when git cannot tell.
 
-    ``git_dirty`` is true when a tracked file outside results/ and plots/figures/ (which
-    sweeps themselves write) differs from the commit, or an untracked file sits in the
-    result-affecting code; ``dirty_files`` names them.
+    A tracked file outside results/ and plots/figures/ (which sweeps and figures write) that
+    differs from the commit, or an untracked file in the training code.
+    """
+    tracked = git("status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE)
+    untracked = git("status", "--porcelain", "--", *TRAINING_CODE)
+    if tracked is None or untracked is None:
+        return None
+    return sorted({line[3:] for line in f"{tracked}\n{untracked}".splitlines() if line.strip()})
+
+
+def training_code_digest(commit: str = "HEAD") -> str | None:
+    """A digest of the training code at ``commit`` (its blobs), None when git cannot tell.
+
+    Two commits with the same digest train every run identically, whatever else differs.
+    """
+    included = [p for p in TRAINING_CODE if not p.startswith(":!")]
+    listing = git("ls-tree", "-r", commit, "--", *included)
+    if listing is None:
+        return None
+    kept = [
+        line
+        for line in listing.splitlines()
+        if not any(line.split("\t", 1)[-1].startswith(f"{p}/") for p in ANALYSIS_CODE)
+    ]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def machine() -> dict[str, Any]:
+    """The machine's numerics: CPU model and torch's CPU kernel capability (AVX2, AVX512…),
+    torch version, and the GPU when there is one. Runs replay bit for bit only on an equal one."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "gpu": gpu,
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Where and with what a run ran: git commit and dirty flag, library versions, machine.
+
+    ``git_dirty`` follows :func:`dirty_files`, which ``dirty_files`` lists (up to 20).
     """
     import torch
 
-    tracked = git("status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE)
-    untracked = git("status", "--porcelain", "--", *RESULT_AFFECTING_PATHS)
-    status = None if tracked is None or untracked is None else f"{tracked}\n{untracked}"
-    lines = sorted({line[3:] for line in (status or "").splitlines() if line.strip()})
-    dirty_files = lines
+    dirty = dirty_files()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine()
+    numerics = machine()
     return {
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(dirty_files),
-        "dirty_files": dirty_files[:20],
+        "git_dirty": None if dirty is None else bool(dirty),
+        "dirty_files": (dirty or [])[:20],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
         "device_name": device_name,
+        "cpu": numerics["cpu"],
+        "cpu_capability": numerics["cpu_capability"],
+        "gpu": numerics["gpu"],
         "num_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "python": platform.python_version(),

@@ -380,8 +380,17 @@ class Trainer:
             divergence = self._validate()
             if divergence is None:
                 self.save()
+                self._stop_after_prefix()
         self._segment_start = time.perf_counter()
         return divergence
+
+    def _stop_after_prefix(self) -> None:
+        """Stop once ``stop_after_evaluations`` evaluations past step 0 are logged (a replay of
+        the run's prefix); the rows so far are those of the whole run."""
+        wanted = self.config.stop_after_evaluations
+        done = sum(1 for r in self.rows if r["split"] == "val" and r["step"] > 0)
+        if wanted is not None and done >= wanted and self.step < self.total_steps:
+            self.stop_requested = True
 
     def _end_segment(self) -> None:
         self._sync()
@@ -392,12 +401,12 @@ class Trainer:
     def summary(self, divergence: str | None, error: str | None = None) -> dict[str, Any]:
         """The run's summary: status, the validation figures, timing and throughput.
 
-        ``divergence`` is the reason training stopped early, if it did; a run that reached
-        its budget is checked for ``no_progress``. ``error`` makes it a failed run's summary.
+        ``divergence`` is the early stop that ended training, if one did (non-finite, held
+        above the factor). Judgements that the rows alone decide, such as ending above the
+        initial loss, are made by lehi.results from metrics.csv, not here. ``error`` makes it
+        a failed run's summary.
         """
         val = validation_summary(self.rows)
-        if error is None and divergence is None and self.step >= self.total_steps:
-            divergence = self.monitor.at_end(val["initial"]["val_loss"], val["final"]["val_loss"])
         status = "failed" if error is not None else ("diverged" if divergence else "completed")
         val["initial"]["train_loss"] = self.monitor.initial_loss
         train_time = max(self.train_time, 1e-12)

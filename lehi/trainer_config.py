@@ -37,6 +37,7 @@ class TrainerConfig:
     force: bool
     progress: bool | Literal["auto"]
     keep_checkpoint: bool
+    stop_after_evaluations: int | None = None
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> TrainerConfig:

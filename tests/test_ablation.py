@@ -312,15 +312,19 @@ def test_zero_h_cli(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().count("| ablation_digits |") == len(table)
 
 
-def test_trained_lrs_counts_a_run_stuck_near_its_initial_loss_as_untrained(tmp_path: Path) -> None:
-    from plots import trained_lrs
-
+def test_trained_counts_a_run_stuck_near_its_initial_loss_as_untrained(tmp_path: Path) -> None:
     root = tmp_path / "results"
     write_run(root, EXP, "adam", "adam", 1e-3, 0, 0.5)  # trained
     write_run(root, EXP, "adam", "adam", 1e-3, 1, 0.6)
     write_run(root, EXP, "adam", "adam", 1e-1, 0, 2.25)  # "completed", 2 % below the start
     write_run(root, EXP, "adam", "adam", 1e-1, 1, 0.6)
     write_run(root, EXP, "adam", "adam", 3e-1, 0, D)  # diverged
-    counts = trained_lrs.trained_lrs(root, progress=0.9)
-    assert counts == {EXP: {"adam": (2, 1, 3)}}
-    assert trained_lrs.trained_lrs(root, progress=0.99)[EXP]["adam"] == (2, 2, 3)
+    results = collect(root)
+    runs = results.runs.set_index(["lr", "seed"])
+    assert runs.loc[(1e-1, 0), "trained"] == (2.25 <= 0.9 * INITIAL)
+    assert not runs.loc[(1e-1, 0), "trained"] and runs.loc[(1e-1, 1), "trained"]
+    assert not runs.loc[(3e-1, 0), "trained"]
+    row = A.ablation_table(results).set_index("optimizer").loc["adam"]
+    assert (row["n_stable_lrs"], row["n_trained_lrs"], row["n_lrs"]) == (2, 1, 3)
+    best = results.best.set_index("optimizer").loc["adam"]
+    assert (best["n_stable_lrs"], best["n_trained_lrs"], best["n_lrs"]) == (2, 1, 3)

@@ -19,7 +19,7 @@ from scipy import stats
 
 from lehi import record, roster
 from lehi import results as R
-from lehi.results import stepcost
+from lehi.results import provenance, stepcost
 
 EVAL_STEPS = (10, 20, 30, 40, 50)
 OFFSETS = (0.3, 0.15, 0.05, 0.0, -0.05)  # last 3 average to 0, so the final loss is the base
@@ -491,13 +491,44 @@ def test_check_lists_untrustworthy_runs(tmp_path: Path, capsys: pytest.CaptureFi
     run = write_run(clean, "adam", 1e-3, 0, 0.5)
     (run / "env.json").write_text(json.dumps(envs[0]))
     assert R.main(["check", "--root", str(clean)]) == 0
-    assert "all from clean trees" in capsys.readouterr().out
-    # completed above its initial validation loss: listed too
+    assert "all current at HEAD" in capsys.readouterr().out
+    # Completed above its initial validation loss: a judgement of lehi.results from the rows
+    # (diverged, no_progress), not a provenance problem.
     data = json.loads((run / "summary.json").read_text())
     data["initial"] = {"val_loss": 0.1}
     (run / "summary.json").write_text(json.dumps(data))
-    assert R.main(["check", "--root", str(clean)]) == 1
-    assert "completed but last val loss 0.45 > initial 0.1" in capsys.readouterr().out
+    assert R.main(["check", "--root", str(clean)]) == 0
+    judged = R.collect(clean).runs.iloc[0]
+    assert judged["diverged"] and judged["divergence"] == "no_progress" and not judged["trained"]
+
+
+def test_a_passing_verification_at_heads_training_code_carries_a_stale_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    git_head()
+    first = record.git("rev-list", "--max-parents=0", "HEAD").split()[0]
+    root = tmp_path / "results"
+    for label in ("adam", "lehi"):
+        run = write_run(root, label, 1e-3, 0, 0.5)
+        (run / "env.json").write_text(json.dumps({"git_commit": first, "git_dirty": False}))
+    verified = root / "toy" / "verified.json"
+    document = {
+        "training_code": record.training_code_digest(),
+        "training_code_dirty": False,
+        "labels": {"adam": True, "lehi": False},
+    }
+    verified.write_text(json.dumps(document))
+    provenance.code_state.cache_clear()
+    assert R.main(["check", "--root", str(root)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "/lehi/" in out[0] and "verification failed for lehi" in out[0]
+    verified.write_text(json.dumps({**document, "training_code": "0" * 16}))
+    assert R.main(["check", "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("other training code than HEAD's") == 2
+    verified.write_text(json.dumps({**document, "training_code_dirty": True}))
+    assert R.main(["check", "--root", str(root)]) == 1
+    assert capsys.readouterr().out.count("uncommitted training code") == 2
 
 
 def test_step_cost_benchmark_writes_what_collect_reads(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Modules: :mod:`~lehi.results.store` reads runs and metrics through the run recor
 (:mod:`lehi.record`); :mod:`~lehi.results.stats` and :mod:`~lehi.results.significance`
 compute every number a table or figure shows; :mod:`~lehi.results.tables` computes them once
 (:func:`collect`); :mod:`~lehi.results.report` renders Markdown; :mod:`~lehi.results.stepcost`
-owns step_cost.json; :mod:`~lehi.results.provenance` checks where runs come from;
+owns step_cost.json; :mod:`~lehi.results.provenance` says which runs are current at HEAD and
+:mod:`~lehi.results.verify` replays a sample of them to find out;
 :mod:`~lehi.results.cli` is ``python -m lehi.results``.
 
 Definitions used by every table and figure:
@@ -15,11 +16,13 @@ Definitions used by every table and figure:
 - **Final validation loss** of a run: ``summary.last3.val_loss_mean``, the mean validation loss
   over its last 3 evaluations (docs/EXPERIMENTS.md, "Sweeps"); **last eval**: the validation
   loss of its last evaluation. **Final metric**: the metric of its last evaluation.
-- **Diverged run**: status ``"diverged"`` (non-finite loss, training loss held above
-  ``divergence_factor`` × its initial loss, or no progress), or a ``"completed"`` run whose
-  final validation loss is not finite or whose last validation loss is above its initial
-  one (``no_progress``; for summaries without ``initial.val_loss``, metrics.csv's step-0
-  validation row). **Failed runs** (status ``"failed"``: crashes, not the optimizer's doing)
+- **Diverged run**: status ``"diverged"`` (the trainer's early stop: non-finite loss, or
+  training loss held above ``divergence_factor`` × its initial loss; older summaries also
+  recorded ``no_progress`` this way), or a ``"completed"`` run whose final validation loss is
+  not finite or whose last validation loss is above its initial one (``no_progress``; for
+  summaries without ``initial.val_loss``, metrics.csv's step-0 validation row). **Trained
+  run**: not diverged and its last validation loss ≤ ``store.TRAINED_FRACTION`` (0.9) × its
+  initial one. **Failed runs** (status ``"failed"``: crashes, not the optimizer's doing)
   are left out of every statistic and only counted (``n_failed``).
 - **Counted runs** (:func:`lehi.results.stats.counts`, the one filter): not failed, not
   diverged, finite final validation loss. **Unstable, recovered**: a counted run whose

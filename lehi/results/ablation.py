@@ -68,6 +68,7 @@ COLUMNS = (
     "n_lrs",
     "n_stable_lrs",
     "stable_lrs",
+    "n_trained_lrs",
     "adam_best_val_loss",
     "n_within_lrs",
     "within_lrs",
@@ -131,6 +132,7 @@ def _reading_row(
         "n_lrs": len(cells),
         "n_stable_lrs": len(stable),
         "stable_lrs": " ".join(f"{lr:g}" for lr in stable["lr"]),
+        "n_trained_lrs": int((stable["n_trained"] == stable["n_runs"]).sum()),
         "adam_best_val_loss": adam_best,
         "n_within_lrs": len(within),
         "within_lrs": " ".join(f"{lr:g}" for lr in within),
@@ -186,6 +188,7 @@ def _md_row(r: dict[str, Any]) -> list[str]:
         fmt(r["best_lr"], "g"),
         loss,
         f"{r['n_stable_lrs']}/{r['n_lrs']}",
+        f"{r['n_trained_lrs']}/{r['n_lrs']}",
         within,
         f"{r['n_spike_lrs']}" + (f" ({r['spike_lrs']})" if r["spike_lrs"] else ""),
         diverged,
@@ -199,6 +202,7 @@ def render_markdown(table: pd.DataFrame) -> str:
         "best lr",
         "best final val loss (mean ± std over seeds)",
         "LRs without divergence",
+        "LRs where every seed trained",
         f"LR range within {WITHIN - 1:.0%} of Adam's best (decades; LRs)",
         "LRs with a recovered spike",
         "diverged / runs",
@@ -210,7 +214,8 @@ def render_markdown(table: pd.DataFrame) -> str:
         "LEHIBrid for reference, over one LR grid (experiments/ablation_*.yaml). Best final "
         "val loss = mean over seeds of the mean of the last 3 evaluations, at the LR where it "
         "is lowest among the LRs where no seed diverged. LRs without divergence = LRs where "
-        "no seed diverged (and one counted). LR range within 10 % of Adam = log10(max/min) "
+        "no seed diverged (and one counted). LRs where every seed trained = every seed ended "
+        "at least 10 % below its initial val loss (lehi.results.store.TRAINED_FRACTION). LR range within 10 % of Adam = log10(max/min) "
         f"over those LRs whose mean final val loss is ≤ {WITHIN:g} × Adam's best. Recovered "
         "spike = a counted seed's training loss once exceeded its divergence factor × its "
         "initial loss.",

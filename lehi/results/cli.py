@@ -2,18 +2,21 @@
 
     python -m lehi.results [--root results] [--target EXP=LOSS ...] [--target-factor F]
     python -m lehi.results check [--root results]
+    python -m lehi.results verify [EXP ...] [--root results] [--data-dir DIR] [--jobs N]
 
-The first writes results/summary.{md,csv} and significance.csv; ``check`` lists runs whose
-provenance is not today's clean code (exit 1 when it lists any).
+The first writes results/summary.{md,csv} and significance.csv; ``check`` lists runs that are
+not current at HEAD (exit 1 when it lists any); ``verify`` replays a sample of each
+experiment's runs at HEAD and compares their rows (exit 1 when one differs).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
-from lehi.results import provenance
+from lehi.results import provenance, verify
 from lehi.results.report import write_summary
 from lehi.results.stats import TARGET_FACTOR
 from lehi.results.stepcost import StepCostError
@@ -76,11 +79,52 @@ def _check(argv: Sequence[str]) -> int:
     return 1 if findings else 0
 
 
+def _verify(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lehi.results verify",
+        description="Replay a sample of each experiment's runs at HEAD (scratch folder) and "
+        "compare their metrics rows with the committed ones; writes <root>/<exp>/verified.json.",
+    )
+    parser.add_argument("experiments", nargs="*", help="experiments to verify (default: all)")
+    parser.add_argument("--root", default="results", help="results tree (default: results)")
+    parser.add_argument(
+        "--data-dir", default=None, help="data folder (default: the one each run recorded)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="replays in parallel (default 1)")
+    parser.add_argument(
+        "--prefix-every",
+        type=int,
+        default=verify.PREFIX_EVERY,
+        help="replay the prefix of every N-th run outside the full sample "
+        f"(default {verify.PREFIX_EVERY})",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write verified.json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        results = verify.verify(
+            args.root,
+            args.experiments,
+            data_dir=args.data_dir,
+            jobs=max(1, args.jobs),
+            prefix_every=max(1, args.prefix_every),
+            write=not args.no_write,
+            on_done=lambda v: print(v.line(), flush=True),
+        )
+    except verify.VerifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"verify: {len(results)} experiment(s) in {time.perf_counter() - start:.0f} s")
+    return 0 if all(v.ok for v in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lehi.results``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check"]:
         return _check(argv[1:])
+    if argv[:1] == ["verify"]:
+        return _verify(argv[1:])
     if argv[:1] == ["summary"]:
         argv = argv[1:]
     return _summary(argv)

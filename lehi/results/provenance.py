@@ -1,10 +1,13 @@
-"""Which runs can be trusted to come from today's code: ``python -m lehi.results check``.
+"""Which runs are current at HEAD: ``python -m lehi.results check``.
 
-A run is listed when its env.json says it was made from a dirty tree (or does not say), when
-its commit is unknown here, when the result-affecting code (``lehi.record.
-RESULT_AFFECTING_PATHS``) differs between its commit and HEAD, or when it is ``completed`` yet
-its last validation loss is above its initial one (older summaries: the step-0 validation row
-of metrics.csv).
+A run is current when it was made from a clean tree and either its commit's training code
+(``lehi.record.TRAINING_CODE``) equals HEAD's, or its experiment holds a passing verification
+(``<exp>/verified.json``, written by ``python -m lehi.results verify``) made at a clean tree
+whose training code equals HEAD's, in which every replay of the run's optimizer label
+reproduced its rows. Everything else is listed: a run from a dirty tree (or without a dirty
+flag), a run whose commit is unknown here, and a run whose training code changed with no such
+verification. Analysis code (lehi/results, the diagnostics, plots) never makes a run stale,
+and judgements made from the rows (``no_progress``, trained) are lehi.results' own.
 """
 
 from __future__ import annotations
@@ -43,14 +46,34 @@ def _git_rc(*args: str) -> int | None:
 
 @cache
 def code_state(commit: str) -> str:
-    """``same`` (result-affecting code equals HEAD's), ``changed`` or ``unknown``."""
+    """``same`` (training code equals HEAD's), ``changed`` or ``unknown``."""
     if not commit or _git_rc("cat-file", "-e", f"{commit}^{{commit}}") != 0:
         return "unknown"
-    rc = _git_rc("diff", "--quiet", commit, "HEAD", "--", *record.RESULT_AFFECTING_PATHS)
+    rc = _git_rc("diff", "--quiet", commit, "HEAD", "--", *record.TRAINING_CODE)
     return {0: "same", 1: "changed"}.get(rc, "unknown")
 
 
-def _reasons(run: dict) -> list[tuple[str, str]]:
+def verified_labels(exp_dir: Path) -> tuple[dict[str, bool], str]:
+    """The labels a verification carries forward to HEAD, and why none when it is empty."""
+    from lehi.results.verify import read_verification
+
+    found = read_verification(exp_dir)
+    if found is None:
+        return {}, "no verification (python -m lehi.results verify)"
+    if found.get("training_code_dirty") is not False:
+        return {}, "its verification was made with uncommitted training code"
+    if found.get("training_code") != _head_training_code():
+        return {}, "its verification was made at other training code than HEAD's"
+    labels = found.get("labels")
+    return (labels if isinstance(labels, dict) else {}), "its verification failed"
+
+
+@cache
+def _head_training_code() -> str | None:
+    return record.training_code_digest()
+
+
+def _reasons(run: dict, root: Path) -> list[tuple[str, str]]:
     commit = run["git_commit"]
     short = commit[:7] or "?"
     reasons = []
@@ -58,19 +81,17 @@ def _reasons(run: dict) -> list[tuple[str, str]]:
         what = "made from a dirty tree" if run["git_dirty"] else "no dirty flag in env.json"
         reasons.append(("dirty", f"{what} at {short}"))
     state = code_state(commit)
+    if state == "same":
+        return reasons
+    labels, why = verified_labels(root / run["experiment"])
+    if labels.get(run["optimizer"]) is True:
+        return reasons
+    if run["optimizer"] in labels:
+        why = f"its verification failed for {run['optimizer']}"
     if state == "unknown":
-        reasons.append(("unknown commit", f"commit {short} unknown here (stale)"))
-    elif state == "changed":
-        paths = " ".join(record.RESULT_AFFECTING_PATHS)
-        reasons.append(("stale code", f"{paths} changed between {short} and HEAD"))
-    if run["status"] == "completed" and run["divergence"] == "no_progress":
-        reasons.append(
-            (
-                "no progress",
-                f"completed but last val loss {run['final_val_loss']:.4g} > initial "
-                f"{run['initial_val_loss']:.4g}",
-            )
-        )
+        reasons.append(("unknown commit", f"commit {short} unknown here, and {why}"))
+    else:
+        reasons.append(("stale code", f"training code changed between {short} and HEAD; {why}"))
     return reasons
 
 
@@ -79,11 +100,10 @@ def check(root: str | Path = "results") -> tuple[list[Finding], int]:
     runs = store.load_runs(root)
     if runs.empty:
         return [], 0
-    runs = store.add_initial_val_loss(runs, store.load_metrics(root, runs))
     runs = runs.astype({"git_dirty": object}).where(pd.notna(runs), None)
     findings = []
     for run in runs.to_dict("records"):
-        reasons = _reasons(run)
+        reasons = _reasons(run, Path(root))
         if reasons:
             kinds = tuple(k for k, _ in reasons)
             findings.append(Finding(run["run"], kinds, "; ".join(d for _, d in reasons)))
@@ -94,7 +114,7 @@ def report(findings: list[Finding], n_runs: int, root: str | Path) -> list[str]:
     """The lines ``check`` prints: one per listed run, then a count by kind."""
     lines = [f"{Path(root) / f.run}: {f.detail}" for f in findings]
     if not findings:
-        return [*lines, f"{n_runs} run(s) under {root}: all from clean trees at HEAD's code"]
+        return [*lines, f"{n_runs} run(s) under {root}: all current at HEAD"]
     kinds = Counter(k for f in findings for k in f.kinds)
     counted = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
     return [*lines, f"{len(findings)} of {n_runs} run(s) under {root} listed ({counted})"]

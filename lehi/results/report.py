@@ -93,7 +93,8 @@ def _provenance_line(results: Results) -> str:
         parts.append(f"{name} ({', '.join(notes)})")
     return (
         f"Made at commit(s): {'; '.join(parts)}. `python -m lehi.results check` lists the "
-        "runs whose result-affecting code differs from HEAD."
+        "runs that are not current at HEAD (training code changed and no passing `make "
+        "verify`)."
     )
 
 
@@ -116,7 +117,8 @@ def _best_row(r: Mapping[str, Any], with_time: bool) -> list[str]:
     ]
     if with_time:
         row.append(pm(r["time_to_target_mean"], r["time_to_target_std"], ".3g") + reached)
-    return [*row, diverged]
+    lrs = f"{r['n_trained_lrs']} / {r['n_stable_lrs']} / {r['n_lrs']}"
+    return [*row, lrs, diverged]
 
 
 def _best_table(results: Results, exp: Mapping[str, str]) -> list[str]:
@@ -134,7 +136,7 @@ def _best_table(results: Results, exp: Mapping[str, str]) -> list[str]:
     ]
     if where:
         header.append(f"time to target (s; steps × step cost measured side by side, {where})")
-    header.append("diverged / runs")
+    header += ["LRs trained / without divergence / all", "diverged / runs"]
     lines = table(header, [_best_row(r, bool(where)) for r in best.to_dict("records")])
     if not where:
         lines += ["", f"Time to target: {no_step_cost(exp['experiment'])}."]

@@ -30,6 +30,7 @@ CELL_COLUMNS = (
     "n_runs",
     "n_seeds",
     "n_diverged",
+    "n_trained",
     "n_failed",
     "n_unstable",
     "val_loss_mean",
@@ -98,6 +99,7 @@ def _cell_row(key: tuple, group: pd.DataFrame) -> list[Any]:
         len(group),
         len(loss),
         n_diverged,
+        int(group["trained"].sum()),
         int((group["status"] == "failed").sum()),
         int(unstable(group).sum()),
         loss_mean,
@@ -122,10 +124,19 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 def best_lrs(cells: pd.DataFrame) -> pd.DataFrame:
     """One row per (experiment, scale, dataset, optimizer): its best eligible LR cell.
 
-    Adds the optimizer's totals over its whole grid: n_lrs, n_runs_total, n_diverged_total,
-    n_failed_total. ``lr`` and the statistics are NaN when no cell is eligible.
+    Adds the optimizer's totals over its whole grid: n_lrs, n_stable_lrs (LRs where no seed
+    diverged), n_trained_lrs (LRs where every seed trained, store.TRAINED_FRACTION),
+    n_runs_total, n_diverged_total, n_failed_total. ``lr`` and the statistics are NaN when no
+    cell is eligible.
     """
-    totals = ["n_lrs", "n_runs_total", "n_diverged_total", "n_failed_total"]
+    totals = [
+        "n_lrs",
+        "n_stable_lrs",
+        "n_trained_lrs",
+        "n_runs_total",
+        "n_diverged_total",
+        "n_failed_total",
+    ]
     rows = []
     for _, group in cells.groupby([*EXP_KEYS, "optimizer"], sort=False):
         eligible = group[group["eligible"]].sort_values("lr", kind="stable")
@@ -133,11 +144,15 @@ def best_lrs(cells: pd.DataFrame) -> pd.DataFrame:
             row = group.iloc[0].copy()
             for col in _CELL_STATS:
                 row[col] = math.nan
-            for col in ("n_runs", "n_seeds", "n_diverged", "n_failed", "n_unstable"):
+            for col in ("n_runs", "n_seeds", "n_diverged", "n_trained", "n_failed", "n_unstable"):
                 row[col] = 0
         else:
             row = eligible.loc[eligible["val_loss_mean"].idxmin()].copy()
         row["n_lrs"] = len(group)
+        row["n_stable_lrs"] = int(group["eligible"].sum())
+        row["n_trained_lrs"] = int(
+            ((group["n_trained"] == group["n_runs"]) & group["eligible"]).sum()
+        )
         row["n_runs_total"] = int(group["n_runs"].sum())
         row["n_diverged_total"] = int(group["n_diverged"].sum())
         row["n_failed_total"] = int(group["n_failed"].sum())

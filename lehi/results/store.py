@@ -34,6 +34,7 @@ RUN_COLUMNS = (
     "variant",
     "status",
     "diverged",
+    "trained",
     "divergence",
     "max_spike",
     "divergence_factor",
@@ -221,16 +222,24 @@ def _run_row(record: RunRecord, root: Path) -> dict[str, Any]:
     return row
 
 
-def classify(runs: pd.DataFrame) -> pd.DataFrame:
-    """Set ``diverged`` and ``divergence`` from status and losses (the one divergence rule).
+#: A run *trained* when its last validation loss is at most this fraction of its initial one
+#: (at least 10 % below where it started): stricter than not diverging, which a run stuck at
+#: chance a hair below its start satisfies.
+TRAINED_FRACTION = 0.9
 
-    Diverged: status ``diverged``; or a ``completed`` run whose final validation loss is not
-    finite (``non_finite``) or whose last evaluation is above its initial one (``no_progress``,
-    the rule the trainer applies to new runs; older summaries are judged here the same way
-    once ``initial_val_loss`` is known, see :func:`add_initial_val_loss`).
+
+def classify(runs: pd.DataFrame) -> pd.DataFrame:
+    """Set ``diverged``, ``divergence`` and ``trained`` from the recorded facts: the rules that
+    the finished rows decide, judged here so that changing one never changes a run.
+
+    Diverged: the trainer stopped it early (status ``diverged``: non-finite, or held above the
+    divergence factor); or it ran to its budget and its final validation loss is not finite
+    (``non_finite``) or its last evaluation is above its initial one (``no_progress``; older
+    summaries have no ``initial.val_loss``, see :func:`add_initial_val_loss`). Trained: not
+    diverged, and the last evaluation ≤ :data:`TRAINED_FRACTION` × the initial one.
     """
     if runs.empty:
-        return runs.assign(diverged=pd.Series(dtype=bool))
+        return runs.assign(diverged=pd.Series(dtype=bool), trained=pd.Series(dtype=bool))
     completed = (runs["status"] == "completed").to_numpy()
     non_finite = completed & ~np.isfinite(runs["val_loss"].to_numpy(float))
     no_progress = (
@@ -241,7 +250,15 @@ def classify(runs: pd.DataFrame) -> pd.DataFrame:
     divergence = runs["divergence"].where(~non_finite, "non_finite")
     divergence = divergence.where(~no_progress, "no_progress")
     diverged = (runs["status"] == "diverged").to_numpy() | non_finite | no_progress
-    return runs.assign(diverged=diverged, divergence=divergence)
+    trained = (
+        completed
+        & ~diverged
+        & (
+            runs["final_val_loss"].to_numpy(float)
+            <= TRAINED_FRACTION * runs["initial_val_loss"].to_numpy(float)
+        )
+    )
+    return runs.assign(diverged=diverged, divergence=divergence, trained=trained)
 
 
 def sort_frame(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -293,7 +310,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             "lehi.results: %d run folder(s) without summary.json (in progress) skipped",
             len(in_progress),
         )
-    runs = pd.DataFrame(rows, columns=[c for c in RUN_COLUMNS if c != "diverged"])
+    runs = pd.DataFrame(rows, columns=[c for c in RUN_COLUMNS if c not in ("diverged", "trained")])
     dup = runs.duplicated(list(RUN_KEYS), keep="first")
     for path in runs.loc[dup, "path"]:
         warn(
@@ -303,7 +320,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         )
     runs = classify(runs.loc[~dup])
     if not runs.empty:
-        runs = runs.astype({"lr": float, "seed": int, "diverged": bool})
+        runs = runs.astype({"lr": float, "seed": int, "diverged": bool, "trained": bool})
         _warn_mixed(runs)
     return sort_frame(runs[list(RUN_COLUMNS)], RUN_KEYS)
 
