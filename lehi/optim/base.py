@@ -47,6 +47,7 @@ from lehi.curvature import (
 )
 from lehi.optim.aux_pass import aux_grads, per_example_roots, reduce_across_ranks, streaming_fold
 from lehi.optim.common import COUNTERS, add_optional
+from lehi.optim.misuse import check_outputs_and_targets
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -88,8 +89,10 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
         self.ignore_index = ignore_index
         self.estimator = estimator
         self.sampler = sampler
-        # Drawn from torch's global RNG when not given, so torch.manual_seed fixes it too.
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        # Not given: the global generator's seed, read without drawing from it, so that
+        # torch.manual_seed(s) fixes the draws too (as seed=s would) and the caller's own
+        # random stream (data order, dropout) is the same as with any other optimizer.
+        self.seed = torch.initial_seed() if seed is None else int(seed)
         self.curvature_passes = 0
         self.num_loss_terms: int | None = None
         #: How many independent draws of v the first refresh averages (a warm-up reading).
@@ -247,7 +250,14 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
             micro_batch: (i, k) for the i-th of k micro-batches of one step. The auxiliary
                 gradients of the k micro-batches are summed (each divided by k, like the loss)
                 and h is their square, folded after the last: the h of the whole step's batch.
+
+        Raises:
+            ValueError: on refresh steps (the checks read the targets), outputs and targets
+                that the loss cannot pair (lehi.optim.misuse.check_outputs_and_targets).
+            RuntimeError: a second call in one step without ``micro_batch``.
         """
+        if self.wants_curvature():
+            check_outputs_and_targets(self.loss_name, loss, outputs, targets, self.ignore_index)
         if not self.needs_aux_pass():
             if self.wants_curvature():
                 # A refresh folded from g⊙g inside step() may scale it by N.
@@ -255,6 +265,13 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
                 self.num_loss_terms = max(n, 1)
             loss.backward()
             return
+        if micro_batch[1] == 1 and self._curvature_ready_at == self.steps_taken():
+            # The first call already folded this step's h; a second would fold another.
+            raise RuntimeError(
+                f"{type(self).__name__}.backward was called twice before step(): to accumulate "
+                "k micro-batches call opt.backward(loss / k, outputs, targets, "
+                "micro_batch=(i, k)) for i = 0, …, k − 1, then opt.step()"
+            )
         generator = self.curvature_generator(outputs.device)
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if micro_batch[1] > 1:
