@@ -22,16 +22,15 @@ Parameters without curvature: a parameter that receives an ordinary gradient but
 auxiliary one (no path from it to the outputs, e.g. a penalty term) is never passed to
 ``_fold``; :meth:`_without_curvature` names them so the subclass's step can apply its rule.
 
-This module is one class of about 450 lines on purpose: the curvature pass, its schedule,
-its random generator and its persistence all read and write the same per-optimizer state
-(the refresh bookkeeping, the generator, the data-parallel wiring); split across modules
-they would only share it through private attributes.
+The class keeps everything that reads and writes the per-optimizer state (the schedule, the
+refresh bookkeeping, the generator, persistence); the pass itself, given its arguments, is
+in lehi.optim.aux_pass.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -45,18 +44,20 @@ from lehi.curvature import (
     get_loss_rule,
     is_mean_cross_entropy,
     num_loss_terms,
-    per_example_curvature,
 )
+from lehi.optim.aux_pass import aux_grads, per_example_roots, reduce_across_ranks, streaming_fold
 from lehi.optim.common import COUNTERS, add_optional
+from lehi.optim.misuse import check_outputs_and_targets
 
 __all__ = ["CurvatureOptimizer"]
 
 
-class CurvatureOptimizer(Optimizer):
+class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
     """Base class: the curvature pass, its random generator and its bookkeeping.
 
-    Subclasses implement ``_init_state(p, state)`` (fill a parameter's empty state) and
-    ``_fold(params, groups, aux_grads, n)`` (the module docstring); they may override
+    Subclasses implement the abstract ``_init_state(p, state)`` (fill a parameter's empty
+    state) and ``_fold(params, groups, aux_grads, n)`` (the module docstring); a subclass
+    missing either cannot be instantiated. They may override
     ``_fold_needs_every_grad()`` and ``_fold_reads_gradient()`` (both False by default).
     ``hessian_every`` must be the same in every parameter group: one auxiliary pass serves
     them all.
@@ -88,8 +89,10 @@ class CurvatureOptimizer(Optimizer):
         self.ignore_index = ignore_index
         self.estimator = estimator
         self.sampler = sampler
-        # Drawn from torch's global RNG when not given, so torch.manual_seed fixes it too.
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        # Not given: the global generator's seed, read without drawing from it, so that
+        # torch.manual_seed(s) fixes the draws too (as seed=s would) and the caller's own
+        # random stream (data order, dropout) is the same as with any other optimizer.
+        self.seed = torch.initial_seed() if seed is None else int(seed)
         self.curvature_passes = 0
         self.num_loss_terms: int | None = None
         #: How many independent draws of v the first refresh averages (a warm-up reading).
@@ -176,14 +179,15 @@ class CurvatureOptimizer(Optimizer):
         return self._generator
 
     # ---------------------------------------------------------------- subclass interface
+    @abc.abstractmethod
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Fill the empty state of parameter ``p`` (its buffers and step counters)."""
 
+    @abc.abstractmethod
     def _fold(
         self, params: list[Tensor], groups: list[dict[str, Any]], aux_grads: list[Tensor], n: int
     ) -> None:
         """Fold h = a⊙a of each parameter (no N-scaling yet) into its state."""
-        raise NotImplementedError
 
     def _fold_needs_every_grad(self) -> bool:
         """Whether ``_fold`` must see every parameter's a at once (streaming otherwise)."""
@@ -246,7 +250,14 @@ class CurvatureOptimizer(Optimizer):
             micro_batch: (i, k) for the i-th of k micro-batches of one step. The auxiliary
                 gradients of the k micro-batches are summed (each divided by k, like the loss)
                 and h is their square, folded after the last: the h of the whole step's batch.
+
+        Raises:
+            ValueError: on refresh steps (the checks read the targets), outputs and targets
+                that the loss cannot pair (lehi.optim.misuse.check_outputs_and_targets).
+            RuntimeError: a second call in one step without ``micro_batch``.
         """
+        if self.wants_curvature():
+            check_outputs_and_targets(self.loss_name, loss, outputs, targets, self.ignore_index)
         if not self.needs_aux_pass():
             if self.wants_curvature():
                 # A refresh folded from g⊙g inside step() may scale it by N.
@@ -254,6 +265,13 @@ class CurvatureOptimizer(Optimizer):
                 self.num_loss_terms = max(n, 1)
             loss.backward()
             return
+        if micro_batch[1] == 1 and self._curvature_ready_at == self.steps_taken():
+            # The first call already folded this step's h; a second would fold another.
+            raise RuntimeError(
+                f"{type(self).__name__}.backward was called twice before step(): to accumulate "
+                "k micro-batches call opt.backward(loss / k, outputs, targets, "
+                "micro_batch=(i, k)) for i = 0, …, k − 1, then opt.step()"
+            )
         generator = self.curvature_generator(outputs.device)
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if micro_batch[1] > 1:
@@ -323,15 +341,6 @@ class CurvatureOptimizer(Optimizer):
             shard=self._shard,
         )
 
-    def _aux_grads(
-        self, outputs: Tensor, v: Tensor, params: list[Tensor], *, retain_graph: bool
-    ) -> list[Tensor | None]:
-        return list(
-            torch.autograd.grad(
-                outputs, params, grad_outputs=v, allow_unused=True, retain_graph=retain_graph
-            )
-        )
-
     def _auxiliary_pass(
         self,
         outputs: Tensor,
@@ -348,12 +357,12 @@ class CurvatureOptimizer(Optimizer):
             v, n = self._grad_outputs(outputs, targets, generator, loss_grad)
             self.num_loss_terms = n
             group_of = self._group_of()
-            hooks = [p.register_hook(partial(self._fold_hook, p, group_of[p], n)) for p in params]
-            try:
-                self._aux_grads(outputs, v, params, retain_graph=retain_graph)
-            finally:
-                for hook in hooks:
-                    hook.remove()
+
+            def fold_one(p: Tensor, a: Tensor) -> None:
+                self._fold([p], [group_of[p]], [a], n)
+                self._refreshed.add(p)
+
+            streaming_fold(outputs, v, params, fold_one, retain_graph=retain_graph)
             return
         # Several draws: h is the mean of the draws' a⊙a, handed to the fold as its root.
         total: list[Tensor | None] | None = None
@@ -361,9 +370,9 @@ class CurvatureOptimizer(Optimizer):
             v, n = self._grad_outputs(outputs, targets, generator, loss_grad)
             loss_grad = None
             last = draw == draws - 1
-            grads = self._aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
+            grads = aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
             del v
-            n = self._reduced(grads, n)
+            n = reduce_across_ranks(self._reduce_mean, grads, n)
             if draws == 1:
                 self._fold_set(params, grads, n)
                 return
@@ -390,7 +399,7 @@ class CurvatureOptimizer(Optimizer):
         i, k = micro_batch
         loss.backward(retain_graph=True)
         v, n = self._grad_outputs(outputs, targets, generator)
-        grads = self._aux_grads(outputs, v.div_(k), params, retain_graph=False)
+        grads = aux_grads(outputs, v.div_(k), params, retain_graph=False)
         if i == 0 or self._accumulated is None:
             self._accumulated, self._accumulated_terms = grads, n
         else:
@@ -401,21 +410,8 @@ class CurvatureOptimizer(Optimizer):
         grads, n = self._accumulated, self._accumulated_terms
         self._accumulated, self._accumulated_terms = None, 0
         self._refreshed = set()
-        self._fold_set(params, grads, self._reduced(grads, n))
+        self._fold_set(params, grads, reduce_across_ranks(self._reduce_mean, grads, n))
         self._finish_refresh()
-
-    def _reduced(self, grads: list[Tensor | None], n: int) -> int:
-        """Average the auxiliary gradients across ranks (in place); the global N."""
-        if self._reduce_mean is None:
-            return n
-        # Which parameters have no path to the outputs depends on the model alone, so every
-        # rank reduces the same list.
-        self._reduce_mean([a for a in grads if a is not None])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            total = torch.tensor([n], dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            return int(total.item())
-        return n
 
     def _fold_set(self, params: list[Tensor], grads: list[Tensor | None], n: int) -> None:
         """Fold a full set of auxiliary gradients (parameters without one are skipped)."""
@@ -428,13 +424,6 @@ class CurvatureOptimizer(Optimizer):
             )
         self._refreshed.update(p for p, _ in kept)
 
-    def _fold_hook(self, p: Tensor, group: dict[str, Any], n: int, aux_grad: Tensor) -> Tensor:
-        with torch.no_grad():
-            self._fold([p], [group], [aux_grad], n)
-        self._refreshed.add(p)
-        # A zero-strided zero keeps autograd.grad from holding a second set of gradients.
-        return aux_grad.new_zeros(()).expand_as(aux_grad)
-
     def _per_example_pass(
         self,
         params: list[Tensor],
@@ -444,21 +433,17 @@ class CurvatureOptimizer(Optimizer):
         targets: Tensor,
         generator: torch.Generator,
     ) -> None:
-        if model is None or inputs is None:
-            raise ValueError("estimator='per_example' needs backward(..., model=, inputs=)")
-        h = per_example_curvature(
+        roots = per_example_roots(
+            params,
             model,
             inputs,
             targets,
-            self.loss_name,
-            generator,
+            loss=self.loss_name,
+            generator=generator,
             ignore_index=self.ignore_index,
             sampler=self.sampler,
         )
         n = max(num_loss_terms(self.loss_name, outputs, targets, self.ignore_index), 1)
-        name_of = {p: name for name, p in model.named_parameters()}
-        # h = Σ_n (J_nᵀ v_n)² / N² enters the fold as its root, whose square is h.
-        roots = [h[name_of[p]].sqrt() if p in name_of else None for p in params]
         self._fold_set(params, roots, n)
 
     def _group_of(self) -> dict[Tensor, dict[str, Any]]:

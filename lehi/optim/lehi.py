@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from lehi.optim.base import CurvatureOptimizer
 from lehi.optim.common import check_hyperparameters, increment
 from lehi.optim.lehi_update import compiled_lehi, multi_tensor_lehi, single_tensor_lehi
+from lehi.optim.update_watch import UpdateWatch, check_warn_update_above
 
 __all__ = ["LEHI", "LEHIBrid"]
 
@@ -79,6 +80,14 @@ class LEHI(CurvatureOptimizer):
     and the N-scaling s apply to it (the floor, meant for zero draws, does not). With the
     defaults LEHI(estimator="squared_gradient") is then exactly AdamW.
 
+    A one-time warning (``warn_update_above``, lehi.optim.update_watch): Adam's update
+    u = m̂/(√v̂+ε) stays near 1 in magnitude, so each of the first 10 steps compares every
+    tensor's max |u| (after the clip) with the threshold and, the first time one exceeds it,
+    warns once, naming the tensor (by name when given ``model.named_parameters()``) and
+    ``update_clip``, the option that bounds the step. It reads the state only (no draws, no
+    change to the step); after those steps, or with ``update_clip`` at most the threshold,
+    it costs nothing.
+
     Parameters without curvature: on a refresh, a parameter that has an ordinary gradient
     but no auxiliary one (no path from it to the outputs, e.g. a penalty term) takes
     h = g⊙g, i.e. it is updated by Adam's rule, and its own refresh count r keeps its bias
@@ -106,13 +115,17 @@ class LEHI(CurvatureOptimizer):
             ``"grad"``) by the warm-up; default 10.
         h_floor: f ≥ 0, the floor on h relative to its tensor's mean; default 0 (off).
         update_clip: c > 0 or None (default, off).
+        warn_update_above: the max |u| per tensor, in units of lr, above which one of the
+            first steps warns (above); None: never. Default 100 (LEHI's early steps that
+            diverge reach 10⁴–10⁶; Adam's stay near 1). Not a reading: it changes no number.
         ignore_index: targets with this value contribute nothing to h (cross-entropy).
         sampler: how cross-entropy's labels are drawn: ``"inverse_cdf"`` (default; one
             uniform per loss term, cheap for large vocabularies) or ``"multinomial"``
             (torch.multinomial, the official SophiaG code's random stream); the same
             distribution, see lehi.curvature.
         seed: seed of the generator the auxiliary draws come from (saved in the state dict);
-            by default drawn from torch's global generator.
+            None (default): ``torch.initial_seed()``, read without drawing, so the global
+            generator's stream (the caller's data order, dropout) is left as it was.
         foreach: use the multi-tensor path; None chooses like torch.optim (CUDA → foreach).
         compile: run the step as one graph through ``torch.compile`` (inductor fuses each
             parameter's update into a single pass over p, g, m and v); built on the first
@@ -139,6 +152,7 @@ class LEHI(CurvatureOptimizer):
         warmup_length: int = 10,
         h_floor: float = 0.0,
         update_clip: float | None = None,
+        warn_update_above: float | None = 100.0,
         ignore_index: int = -100,
         sampler: str = "inverse_cdf",
         seed: int | None = None,
@@ -154,6 +168,7 @@ class LEHI(CurvatureOptimizer):
             h_floor=h_floor,
             update_clip=update_clip,
         )
+        check_warn_update_above(warn_update_above)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         defaults = dict(
@@ -182,6 +197,7 @@ class LEHI(CurvatureOptimizer):
         )
         self.curvature_warmup = curvature_warmup
         self.warmup_length = warmup_length
+        self._update_watch = UpdateWatch(warn_update_above)
         if curvature_warmup == "draws":
             self.first_refresh_draws = warmup_length
 
@@ -270,8 +286,11 @@ class LEHI(CurvatureOptimizer):
         self._check_curvature_arrived()
         # estimator="squared_gradient" and the grad warm-up: h = g⊙g for every parameter.
         from_gradient = self.wants_curvature() and not self.needs_aux_pass()
+        watch = self._update_watch
+        if watch.active:
+            watch.begin_step(self.steps_taken())
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, grads, (exp_avgs, exp_avg_curvatures, steps, curvature_steps) = self._collect(
                 group, _STATE_KEYS
             )
@@ -288,14 +307,7 @@ class LEHI(CurvatureOptimizer):
                     [exp_avg_curvatures[i] for i in pick],
                     [curvature_steps[i] for i in pick],
                 )
-            if group.get("compile", False):
-                update = compiled_lehi
-            else:
-                foreach = group["foreach"]
-                if foreach is None:
-                    _, foreach = _default_to_fused_or_foreach(params, False, False)
-                update = multi_tensor_lehi if foreach else single_tensor_lehi
-            update(
+            self._update_rule(group, params)(
                 params,
                 grads,
                 exp_avgs,
@@ -311,7 +323,21 @@ class LEHI(CurvatureOptimizer):
                 bias_correction=group["bias_correction"],
                 update_clip=group["update_clip"],
             )
+            if watch.active:
+                watch.observe(index, group, params, self.state)
+        if watch.active:
+            watch.end_step(self, self.steps_taken())
         return loss
+
+    @staticmethod
+    def _update_rule(group: dict[str, Any], params: list[Tensor]) -> Callable[..., None]:
+        """The group's step: compiled, multi-tensor or single-tensor (as torch.optim picks)."""
+        if group.get("compile", False):
+            return compiled_lehi
+        foreach = group["foreach"]
+        if foreach is None:
+            _, foreach = _default_to_fused_or_foreach(params, False, False)
+        return multi_tensor_lehi if foreach else single_tensor_lehi
 
 
 class LEHIBrid(LEHI):
