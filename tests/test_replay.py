@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from lehi.record import RunRecord, machine
+from lehi.record import machine
 from lehi.results import store
 from lehi.results import verify as V
 
@@ -38,20 +38,13 @@ SAMPLE = _sample()
 
 
 @pytest.mark.skipif(not SAMPLE, reason="no committed digits results in this checkout")
-@pytest.mark.parametrize("run", SAMPLE, ids=[r["optimizer"] for r in SAMPLE])
-def test_head_reproduces_the_committed_digits_run(run: dict, tmp_path: Path):
-    env = RunRecord(run["path"]).read_env()
-    exact = V.same_machine(env, machine())
-    outcome = V.replay(
-        run["path"],
-        run=run["run"],
-        label=run["optimizer"],
-        mode="full",
-        experiment="digits",
-        data_dir="data",
-        scratch=str(tmp_path),
-        exact=exact,
+def test_head_reproduces_one_committed_digits_run_per_optimizer(tmp_path: Path):
+    replays = [V.Replay(r["run"], r["optimizer"], "full") for r in SAMPLE]
+    paths = {r["run"]: r["path"] for r in SAMPLE}
+    verification, _ = V.replay_all("digits", replays, paths, machine(), "data", 2, tmp_path)
+    failed = [f"{o.run}: {o.difference}" for o in verification.outcomes if not o.ok]
+    assert not failed, f"HEAD no longer reproduces ({verification.comparison}):\n" + "\n".join(
+        failed
     )
-    mode = "exactly" if exact else f"within {V.REL_TOLERANCE:g} (another machine)"
-    assert outcome.ok, f"{run['run']} not reproduced {mode}: {outcome.difference}"
-    assert outcome.rows > 10 and outcome.status_replayed == "completed"
+    assert {o.label for o in verification.outcomes} == {r["optimizer"] for r in SAMPLE}
+    assert all(o.rows > 10 and o.status_replayed == "completed" for o in verification.outcomes)

@@ -544,6 +544,23 @@ def _verify_experiment(
 ) -> Verification:
     replays = plan_replays(rows, prefix_every)
     paths = {r["run"]: r["path"] for r in rows}
+    verification, seconds = replay_all(exp, replays, paths, here, data_dir, jobs, scratch)
+    if write:
+        _write(root / exp / VERIFIED, verification, here, head, seconds)
+    return verification
+
+
+def replay_all(
+    exp: str,
+    replays: Sequence[Replay],
+    paths: Mapping[str, str],
+    here: Mapping[str, Any],
+    data_dir: str | None,
+    jobs: int,
+    scratch: Path,
+) -> tuple[Verification, float]:
+    """Replay ``replays`` (folders in ``paths``) and judge them: exactly when every one was
+    made on this machine, else within the tolerance inside each run's chaos horizon."""
     envs = {r.run: record.RunRecord(paths[r.run]).read_env() for r in replays}
     exact = all(same_machine(envs[r.run], here) for r in replays)
     tasks = []
@@ -569,9 +586,7 @@ def _verify_experiment(
         _horizon_pass(outcomes, tasks, scratch / "rounding", jobs)
     verification = Verification(exp, "exact" if exact else "tolerance")
     verification.outcomes = outcomes
-    if write:
-        _write(root / exp / VERIFIED, verification, here, head, time.perf_counter() - start)
-    return verification
+    return verification, time.perf_counter() - start
 
 
 def _horizon_pass(
