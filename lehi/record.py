@@ -251,6 +251,9 @@ def _parse_number(text: str | None, key: str) -> float | int | None:
 
 
 # ----------------------------------------------------------------------------- env.json
+#: The checkout this code runs from (a worktree's own folder when run from one).
+REPO = Path(__file__).resolve().parents[1]
+
 #: Training code: everything that can change a run's metrics rows (data, models, optimizers,
 #: curvature, trainer, runner, this record, configs, presets, run.py), as git pathspecs.
 #: Analysis code (:data:`ANALYSIS_CODE`: lehi.results, the diagnostics studies, plots) reads
@@ -269,7 +272,7 @@ def git(*args: str) -> str | None:
             capture_output=True,
             text=True,
             timeout=10,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=REPO,
         )
     except (OSError, subprocess.SubprocessError):
         return None

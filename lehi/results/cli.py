@@ -3,6 +3,7 @@
     python -m lehi.results [--root results] [--target EXP=LOSS ...] [--target-factor F]
     python -m lehi.results check [--root results]
     python -m lehi.results verify [EXP ...] [--root results] [--data-dir DIR] [--jobs N]
+    python -m lehi.results tune EXP [...] [--root results]
 
 The first writes results/summary.{md,csv} and significance.csv; ``check`` lists runs that are
 not current at HEAD (exit 1 when it lists any); ``verify`` replays a sample of each
@@ -15,8 +16,11 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from lehi.results import provenance, verify
+from lehi.io import atomic_write_text
+from lehi.record import REPO
+from lehi.results import confirm, provenance, verify
 from lehi.results.report import write_summary
 from lehi.results.stats import TARGET_FACTOR
 from lehi.results.stepcost import StepCostError
@@ -118,6 +122,26 @@ def _verify(argv: Sequence[str]) -> int:
     return 0 if all(v.ok for v in results) else 1
 
 
+def _tune(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lehi.results tune",
+        description="Write experiments/confirm_<EXP>.yaml: each reading at the LR its tuning "
+        "sweep chose, on fresh seeds (lehi.results.confirm).",
+    )
+    parser.add_argument("experiments", nargs="+", help="workloads to tune, e.g. digits")
+    parser.add_argument("--root", default="results", help="results tree (default: results)")
+    args = parser.parse_args(argv)
+    for experiment in args.experiments:
+        try:
+            path, text = confirm.preset(REPO, Path(args.root), experiment)
+        except confirm.TuneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        atomic_write_text(path, text)
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lehi.results``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -125,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(argv[1:])
     if argv[:1] == ["verify"]:
         return _verify(argv[1:])
+    if argv[:1] == ["tune"]:
+        return _tune(argv[1:])
     if argv[:1] == ["summary"]:
         argv = argv[1:]
     return _summary(argv)

@@ -23,7 +23,7 @@ import pandas as pd
 from lehi import record
 from lehi.results import store
 
-REPO = Path(record.__file__).resolve().parents[1]
+REPO = record.REPO
 
 
 @dataclass(frozen=True)
