@@ -73,8 +73,10 @@ check-results: $(STAMP)
 	$(PY) -m lehi.results check --root $(RESULTS)
 
 # Mutation testing (mutmut; slow, not part of `make test`; README says how long it takes):
-# lehi/curvature.py and lehi/optim/ against the fast optimizer tests ([tool.mutmut] in
-# pyproject.toml). Work copy in mutants/; equivalent survivors: tests/mutation_survivors.md.
+# the optimizers and curvature, the run identity, the divergence rule, the summary and the
+# results statistics, each mutant against the tests written for its module that call its
+# function, fastest first ([tool.mutmut] in pyproject.toml, MUTATION_TESTS in
+# tests/conftest.py). Work copy in mutants/; equivalent survivors: tests/mutation_survivors.md.
 .PHONY: mutate
 $(VENV)/bin/mutmut: $(STAMP)
 	$(PY) -m pip install --quiet "mutmut>=3.2"
