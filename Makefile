@@ -79,8 +79,10 @@ verify: $(STAMP)
 	$(PY) -m lehi.results verify --root $(RESULTS) --jobs 2 $(if $(DATA),--data-dir $(DATA)) $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(ARGS)
 
 # Mutation testing (mutmut; slow, not part of `make test`; README says how long it takes):
-# lehi/curvature.py and lehi/optim/ against the fast optimizer tests ([tool.mutmut] in
-# pyproject.toml). Work copy in mutants/; equivalent survivors: tests/mutation_survivors.md.
+# the optimizers and curvature, the run identity, the divergence rule, the summary and the
+# results statistics, each mutant against the tests written for its module that call its
+# function, fastest first ([tool.mutmut] in pyproject.toml, MUTATION_TESTS in
+# tests/conftest.py). Work copy in mutants/; equivalent survivors: tests/mutation_survivors.md.
 .PHONY: mutate
 $(VENV)/bin/mutmut: $(STAMP)
 	$(PY) -m pip install --quiet "mutmut>=3.2"
