@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
+from lehi import _lazy_dynamo
 from lehi.checkpoint import CheckpointError
 from lehi.config import ConfigError, check_call, check_run, pick_device
 from lehi.data import DataFileError, DataUnavailableError
@@ -42,6 +43,10 @@ from lehi.trainer_config import TrainerConfig
 __all__ = ["BAD_INPUT", "RunFailed", "build", "plan", "run"]
 
 log = logging.getLogger("lehi")
+
+# torch.optim imports torch._dynamo (~2.5 s) in eager mode; only compiled runs need it. Done
+# for the suite's own runs only: importing lehi.optim into another program patches nothing.
+_lazy_dynamo.install()
 
 #: Statuses that are results: the same config is then skipped unless trainer.force=true.
 FINAL_STATUSES = ("completed", "diverged")

@@ -18,6 +18,7 @@ from conftest import REPO
 STEPS = """
     import json, sys
     import torch
+    import lehi.runner  # the suite's runs defer torch.optim's dynamo imports
     from lehi.optim import LEHI, backward
 
     def train(make):
@@ -77,3 +78,11 @@ def test_a_run_without_compile_does_not_import_dynamo(tmp_path):
     """
     args = ["logger=files", "trainer.max_steps=3", f"paths.results_dir={tmp_path}"]
     assert clean_python(code, *args, f"hydra.run.dir={tmp_path}/hydra") == "False"
+
+
+def test_the_library_alone_leaves_torch_optim_as_it_is():
+    code = """
+        import torch, lehi.optim
+        print(torch.optim.Adam.step.__code__.co_name)
+    """
+    assert clean_python(code) == "_use_grad"

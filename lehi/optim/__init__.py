@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lehi._lazy_dynamo import install as _defer_dynamo_imports
 from lehi.optim.base import CurvatureOptimizer
 from lehi.optim.lehi import LEHI, LEHIBrid
 from lehi.optim.sophia import SophiaG
@@ -32,9 +31,6 @@ __all__ = [
     "build_optimizer",
     "param_groups",
 ]
-
-# torch.optim imports torch._dynamo (~2.5 s) in eager mode; only compiled runs need it.
-_defer_dynamo_imports()
 
 #: Config keys that describe the run or steer the builder; never constructor arguments.
 BUILDER_KEYS = ("_target_", "name", "label", "exclude_from_decay")
