@@ -33,7 +33,14 @@ class ConfigError(ValueError):
 #: The top level of conf/config.yaml and the keys of its plain (non-group) sections.
 TOP_LEVEL = ("seed", "experiment", "paths", "dataset", "model", "optimizer", "trainer", "logger")
 SECTIONS: dict[str, dict[str, Any]] = {
-    "experiment": {"name": str, "scale": Literal["full", "small"]},
+    # tuned_lr, tuned_from: a confirmation preset's LR per reading and where it came from
+    # (lehi.results.confirm).
+    "experiment": {
+        "name": str,
+        "scale": Literal["full", "small"],
+        "tuned_lr": dict,
+        "tuned_from": dict,
+    },
     "paths": {"data_dir": str, "results_dir": str, "cache_dir": str, "run_dir": str | None},
     "logger": {
         "name": Literal["wandb", "files"],

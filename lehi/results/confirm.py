@@ -8,7 +8,7 @@ workload under the ablation's LR grid) when there is one.
 
 This module writes the confirmation preset ``experiments/confirm_<exp>.yaml``: the workload's
 own preset (same data, model, budget, data order per seed) with the tuned LR of each reading
-(``tuned_lr``), where and how it was chosen (``tuned_from``), and a sweep over the readings ×
+(``experiment.tuned_lr``), where and how it was chosen (``experiment.tuned_from``), and a sweep over the readings ×
 :data:`CONFIRM_SEEDS` fresh seeds, none of them a tuning seed. Its runs are ordinary run folders
 of experiment ``confirm_<exp>``; only they enter the verdicts (lehi.results.verdicts).
 """
@@ -83,14 +83,18 @@ def preset(repo: Path, results_root: Path, experiment: str) -> tuple[Path, str]:
     first = max(tuning_seeds) + 1
     seeds = list(range(first, first + CONFIRM_SEEDS))
     name = confirm_name(experiment)
-    spec["experiment"] = {**spec["experiment"], "name": name}
-    spec["tuned_from"] = {
-        "experiment": experiment,
-        "rule": RULE,
-        "sources": {r: f"{t['experiment']} seeds {t['seeds']}" for r, t in tuned.items()},
+    spec["experiment"] = {
+        **spec["experiment"],
+        "name": name,
+        "tuned_from": {
+            "experiment": experiment,
+            "rule": RULE,
+            "sources": {r: f"{t['experiment']} seeds {t['seeds']}" for r, t in tuned.items()},
+        },
+        "tuned_lr": {r: t["lr"] for r, t in tuned.items()},
     }
-    spec["tuned_lr"] = {r: t["lr"] for r, t in tuned.items()}
-    spec["optimizer"] = {**spec.get("optimizer", {}), "lr": "${tuned_lr.${optimizer.label}}"}
+    lr = "${experiment.tuned_lr.${optimizer.label}}"
+    spec["optimizer"] = {**spec.get("optimizer", {}), "lr": lr}
     spec["hydra"] = {
         "sweeper": {
             "params": {
