@@ -3,7 +3,7 @@
 Modules: :mod:`~lehi.results.store` reads runs and metrics through the run record
 (:mod:`lehi.record`); :mod:`~lehi.results.stats` and :mod:`~lehi.results.significance`
 compute every number a table or figure shows; :mod:`~lehi.results.tables` computes them once
-(:func:`collect`); :mod:`~lehi.results.report` renders Markdown; :mod:`~lehi.results.stepcost`
+(:func:`collect`); :mod:`~lehi.results.report` renders Markdown (from :mod:`~lehi.results.markdown`'s blocks); :mod:`~lehi.results.stepcost`
 owns step_cost.json; :mod:`~lehi.results.provenance` checks where runs come from;
 :mod:`~lehi.results.cli` is ``python -m lehi.results``.
 
@@ -49,13 +49,12 @@ Definitions used by every table and figure:
 from __future__ import annotations
 
 from lehi.results.cli import main, parse_target
+from lehi.results.markdown import experiment_heading, scale_label
 from lehi.results.report import (
     METRIC_LABELS,
     NO_RESULTS_HINT,
-    experiment_heading,
     render_cost_markdown,
     render_markdown,
-    scale_label,
     write_summary,
 )
 from lehi.results.significance import compare, significance
