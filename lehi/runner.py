@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
+from lehi._torch_compat import donated_buffers_off
 from lehi.checkpoint import CheckpointError
 from lehi.config import ConfigError, check_call, check_run, pick_device
 from lehi.data import DataFileError, DataUnavailableError
@@ -333,7 +334,7 @@ def _compile_context(p: Plan) -> Iterator[None]:
     if not p.trainer.compile:
         yield
         return
-    with torch._functorch.config.patch(donated_buffer=False):
+    with donated_buffers_off():
         yield
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from lehi._torch_compat import default_to_foreach
 from lehi.optim.base import CurvatureOptimizer
 from lehi.optim.common import check_hyperparameters, increment
 from lehi.optim.lehi_update import compiled_lehi, multi_tensor_lehi, single_tensor_lehi
@@ -293,7 +293,7 @@ class LEHI(CurvatureOptimizer):
             else:
                 foreach = group["foreach"]
                 if foreach is None:
-                    _, foreach = _default_to_fused_or_foreach(params, False, False)
+                    foreach = default_to_foreach(params)
                 update = multi_tensor_lehi if foreach else single_tensor_lehi
             update(
                 params,
