@@ -24,17 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
 from lehi._torch_compat import donated_buffers_off
 from lehi.checkpoint import CheckpointError
-from lehi.config import ConfigError, check_call, check_run, pick_device
+from lehi.config import ConfigError, check_call, check_run, pick_device, resolve_target
 from lehi.data import DataFileError, DataUnavailableError
 from lehi.distributed import Distributed, from_environment
-from lehi.optim import BUILDER_KEYS, CurvatureOptimizer, build_optimizer
+from lehi.optim import (
+    BUILDER_KEYS,
+    CURVATURE_INPUTS,
+    CurvatureOptimizer,
+    build_optimizer,
+    check_options,
+)
 from lehi.preemption import Interrupted, StopSignals
 from lehi.record import RunBusyError, RunRecord, environment, git, identity_hash, run_dir
 from lehi.train import Trainer
@@ -57,7 +62,7 @@ MODEL_METADATA = ("name",)
 SECTION_CALLS = {
     "dataset": (("name", "recipe"), ()),
     "model": (MODEL_METADATA, ("input_shape", "num_outputs")),
-    "optimizer": (BUILDER_KEYS, ("params", "loss", "ignore_index", "seed")),
+    "optimizer": (BUILDER_KEYS, ("params", *CURVATURE_INPUTS)),
 }
 
 
@@ -108,15 +113,16 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
 def _check_section(
     options: dict[str, Any], section: str, metadata: tuple[str, ...], supplied: tuple[str, ...]
 ) -> None:
-    """Keys and types of a group's options against its ``_target_``'s signature."""
-    try:
-        target = get_method(options["_target_"])
-    except Exception:
-        raise ConfigError(
-            f"{section}._target_={options['_target_']!r} cannot be imported"
-        ) from None
+    """Keys and types of a group's options against its ``_target_``'s signature; for the
+    optimizer also the ranges of its hyper-parameters (lehi.optim's, before data is read)."""
+    target = resolve_target(options["_target_"], f"{section}._target_")
     arguments = {k: v for k, v in options.items() if k not in (*metadata, "_target_")}
     check_call(target, arguments, section, supplied=supplied)
+    if section == "optimizer":
+        try:
+            check_options(arguments)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 @dataclass
@@ -183,7 +189,7 @@ def _options_checked() -> Iterator[None]:
 def build_model(options: dict[str, Any], bundle: lehi.data.DataBundle) -> torch.nn.Module:
     """Call the model config's ``_target_`` with the data's input shape and output count."""
     options = {k: v for k, v in options.items() if k not in MODEL_METADATA}
-    target = get_method(options.pop("_target_"))
+    target = resolve_target(options.pop("_target_"), "model._target_")
     return target(
         input_shape=tuple(bundle.input_shape), num_outputs=int(bundle.num_outputs), **options
     )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
+from lehi.config import ConfigError
+from lehi.optim import LEHI, build_optimizer
 from lehi.record import identity_hash, run_dir
 from lehi.runner import plan
 
@@ -84,3 +87,48 @@ def _compose_with_hydra(overrides):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+# ---------------------------------------------------------------- each check in one place
+BAD_OPTIONS = [
+    # a range of lehi.optim.common, held for torch's own class too (Adam admits lr = inf)
+    ("adam", {"lr": float("inf")}, "optimizer.lr=inf is out of range: expected a finite"),
+    ("lehi", {"hessian_every": 0}, "optimizer.hessian_every=0 is out of range"),
+    # a class's own torch-style check, given the config's key
+    ("sophia", {"rho": -1.0}, "optimizer.rho must be > 0, got -1.0"),
+    ("lehibrid", {"hybrid": "min"}, "optimizer.hybrid='min' is not one of max, sum, mix"),
+    # keys and types from the signatures, LEHI's included where LEHIBrid passes **kwargs on
+    ("lehibrid", {"momentum": 0.9}, "optimizer.momentum is not an option"),
+    ("lehibrid", {"scale_by_batch": "maybe"}, "optimizer.scale_by_batch='maybe' is not allowed"),
+    ("lehi", {"seed": 3}, "optimizer.seed is not an option"),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "message"), BAD_OPTIONS, ids=str)
+def test_build_optimizer_names_the_key(name, overrides, message):
+    options = compose_config([f"optimizer={name}"]).optimizer
+    options = {**OmegaConf.to_container(options, resolve=True), **overrides}
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError) as err:
+        build_optimizer(options, model, loss="cross_entropy", ignore_index=-100, seed=0)
+    assert str(err.value).startswith(message), err.value
+
+
+def test_the_class_message_is_torchs_style_without_the_config_key():
+    with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got inf$"):
+        LEHI(torch.nn.Linear(3, 2).parameters(), lr=float("inf"))
+
+
+def test_a_target_that_cannot_be_imported_keeps_its_cause():
+    options = {"_target_": "torch.optim.NoSuch", "lr": 1e-3}
+    with pytest.raises(ValueError) as err:
+        build_optimizer(options, torch.nn.Linear(3, 2), loss="mse", ignore_index=-100, seed=0)
+    assert str(err.value) == (
+        "optimizer._target_='torch.optim.NoSuch' cannot be imported: "
+        "module 'torch.optim' has no attribute 'NoSuch'"
+    )
+    assert isinstance(err.value.__cause__, AttributeError)
+    cfg = compose_config(["model._target_=lehi.models.nope.build"])
+    with pytest.raises(ConfigError, match="No module named 'lehi.models.nope'") as err:
+        plan(cfg)
+    assert isinstance(err.value.__cause__, ModuleNotFoundError)
