@@ -33,6 +33,7 @@ __all__ = [
     "compose",
     "pick_device",
     "resolve_target",
+    "signatures",
 ]
 
 #: conf/ of this checkout: what run.py composes.
@@ -157,7 +158,7 @@ def resolve_target(path: Any, key: str) -> Callable[..., Any]:
     return target
 
 
-def _signatures(fn: Callable[..., Any]) -> list[Callable[..., Any]]:
+def signatures(fn: Callable[..., Any]) -> list[Callable[..., Any]]:
     """What binds ``fn``'s keyword arguments: a function itself; for a class its
     ``__init__`` and, while an ``__init__`` passes ``**kwargs`` on, its bases' (LEHIBrid's
     options include LEHI's)."""
@@ -179,7 +180,7 @@ def _type_hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], bool, set[str]]
     named: dict[str, Any] = {}
     required: set[str] = set()
     accepts_any = False
-    for depth, target in enumerate(_signatures(fn)):
+    for depth, target in enumerate(signatures(fn)):
         try:
             hints = typing.get_type_hints(target)
         except Exception:  # unresolvable annotations (other libraries): check names only
