@@ -9,6 +9,7 @@ import torch
 from conftest import CONF, REPO, compose_config
 from omegaconf import OmegaConf
 
+from lehi import roster
 from lehi.config import ConfigError, resolve_target, signatures
 from lehi.optim import (
     BUILDER_KEYS,
@@ -36,7 +37,7 @@ DEFAULT_MODEL = {
 
 def test_config_groups_are_complete():
     assert DATASETS == sorted(DEFAULT_MODEL)
-    assert OPTIMIZERS == ["adam", "adamw", "lehi", "lehibrid", "sophia"]
+    assert OPTIMIZERS == sorted(roster.names())  # a config file for each roster entry
     assert {"digits", "mnist_small", "protein_small", "ptb_small", "cifar10_small"} <= set(
         EXPERIMENTS
     )
