@@ -1,4 +1,4 @@
-"""Every option of LEHI, LEHIBrid and SophiaG against a plain transcription of METHOD.md.
+"""Every option of LEHI, LEHIBrid and SophiaG against a plain transcription of docs/method.md.
 
 The references below restate each update in plain tensor code, one line of the spec per line
 of code, with g and the auxiliary gradient computed by autograd on a copy of the model. The
@@ -82,7 +82,7 @@ def draw_v(
 ) -> Tensor:
     v = aux_vector(loss, out.detach(), y, gen, ignore_index=IGNORE, sampler=sampler)
     if loss != "mse":
-        v = v * (y != IGNORE).unsqueeze(1)  # METHOD.md: ignored targets get v = 0
+        v = v * (y != IGNORE).unsqueeze(1)  # docs/method.md: ignored targets get v = 0
     return v
 
 
@@ -215,7 +215,7 @@ def gradients(
 def lehi_reference(
     model: nn.Module, loss: str, steps: list[Step], o: Options, gen: torch.Generator | None = None
 ) -> list[Tensor]:
-    """METHOD.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
+    """docs/method.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
 
     LEHIBrid with scale_by_batch scales the hybrid, s·hybrid(g⊙g, h), so that like is compared
     with like (issue 12; the optimizer's docstring).
@@ -280,7 +280,7 @@ def lehi_reference(
 def sophia_reference(
     model: nn.Module, loss: str, steps: list[Step], o: Options, *, norms: list | None = None
 ) -> list[Tensor]:
-    """METHOD.md's SophiaG: ĝ clipped to norm c, h EMA every k steps, clipped ratio step."""
+    """docs/method.md's SophiaG: ĝ clipped to norm c, h EMA every k steps, clipped ratio step."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(SEED)

@@ -39,7 +39,7 @@ def check_readings(
 
 
 class LEHI(CurvatureOptimizer):
-    r"""Low-order Explicit Hessian Imitation (arXiv 2605.06945), as read in METHOD.md.
+    r"""Low-order Explicit Hessian Imitation (arXiv 2605.06945), as read in docs/method.md.
 
     .. math::
         \begin{aligned}
@@ -93,7 +93,7 @@ class LEHI(CurvatureOptimizer):
         loss: the loss whose Hessian is imitated: ``"cross_entropy"`` or ``"mse"``.
         hessian_every: refresh the curvature every k steps (steps 1, 1 + k, …); default 1;
             the same in every parameter group.
-        estimator: ``"sampled"`` (METHOD.md's v for the loss; default), ``"per_example"``
+        estimator: ``"sampled"`` (docs/method.md's v for the loss; default), ``"per_example"``
             (exact per-example mode, Σ_n (J_nᵀ v_n)² / N² via torch.func; small models only,
             needs ``backward(..., model=, inputs=)``), or ``"squared_gradient"`` (h = g⊙g,
             which makes LEHI exactly AdamW: the ablation's control; with scale_by_batch the

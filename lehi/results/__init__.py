@@ -13,7 +13,7 @@ Definitions used by every table and figure:
   (baseline or candidate), colour and order come from the roster entry of its
   ``optimizer.name`` (:mod:`lehi.roster`).
 - **Final validation loss** of a run: ``summary.last3.val_loss_mean``, the mean validation loss
-  over its last 3 evaluations (docs/EXPERIMENTS.md, "Sweeps"); **last eval**: the validation
+  over its last 3 evaluations (docs/experiments.md, "Sweeps"); **last eval**: the validation
   loss of its last evaluation. **Final metric**: the metric of its last evaluation.
 - **Diverged run**: status ``"diverged"`` (non-finite loss, training loss held above
   ``divergence_factor`` × its initial loss, or no progress), or a ``"completed"`` run whose
