@@ -3,13 +3,17 @@
 Defaults live in conf/*.yaml only. Types come from the code that consumes each section: the
 trainer's keys from :class:`lehi.train.TrainerConfig`, a dataset's, model's or optimizer's
 keys from the signature of its ``_target_`` (type hints), so a new option is typed where it
-is defined. Ranges that a type cannot say are the table :data:`RANGES`. Every failure is a
-:class:`ConfigError` whose one-line message names the config key.
+is defined; unknown keys are refused here (:func:`check_call`) and nowhere else. Ranges that a
+type cannot say are the table :data:`RANGES`, except the optimizers': those are checked by
+the optimizer classes themselves (lehi.optim.common), and the config layer only adds the
+``optimizer.<key>`` name to their message. Every failure is a :class:`ConfigError` whose
+one-line message names the config key.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import importlib
 import inspect
 import math
 import types
@@ -20,7 +24,17 @@ from typing import Any, Literal, Union
 
 import torch
 
-__all__ = ["CONF_DIR", "ConfigError", "RANGES", "check_call", "check_run", "compose", "pick_device"]
+__all__ = [
+    "CONF_DIR",
+    "ConfigError",
+    "RANGES",
+    "check_call",
+    "check_run",
+    "compose",
+    "pick_device",
+    "resolve_target",
+    "signatures",
+]
 
 #: conf/ of this checkout: what run.py composes.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -74,10 +88,6 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.evaluations": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.grad_accum": (lambda v: v >= 1, "an integer >= 1"),
-    "optimizer.lr": (_finite_positive, "a finite number > 0"),
-    "optimizer.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "optimizer.eps": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "optimizer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "dataset.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "dataset.eval_batch_size": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
 }
@@ -136,18 +146,65 @@ def _conforms_sequence(value: Any, origin: Any, args: tuple[Any, ...]) -> bool:
     return all(conforms(v, args[0] if args else Any) for v in value)
 
 
-def _type_hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], bool, set[str]]:
-    """(hints of the keyword parameters, whether **kwargs is accepted, required names)."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    signature = inspect.signature(target)
+def resolve_target(path: Any, key: str) -> Callable[..., Any]:
+    """The callable a ``_target_`` names (``module.attribute``).
+
+    Raises ConfigError naming ``key``: a path that cannot be imported keeps the import's own
+    error in the message and as the cause; only ImportError and AttributeError count as
+    "cannot be imported", anything else a module raises on import is a bug and propagates.
+    """
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(f"{key}={path!r} must name a callable as module.attribute")
+    module, _, attribute = path.rpartition(".")
     try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations (other libraries): check names only
-        hints = {}
-    params = [p for p in signature.parameters.values() if p.name != "self"]
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    named = {p.name: hints.get(p.name, Any) for p in params if p.kind not in (p.VAR_KEYWORD,)}
-    required = {p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD}
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{key}={path!r} cannot be imported: {exc}") from exc
+    if not callable(target):
+        raise ConfigError(f"{key}={path!r} is a {type(target).__name__}, not a callable")
+    return target
+
+
+def signatures(fn: Callable[..., Any]) -> list[Callable[..., Any]]:
+    """What binds ``fn``'s keyword arguments: a function itself; for a class its
+    ``__init__`` and, while an ``__init__`` passes ``**kwargs`` on, its bases' (LEHIBrid's
+    options include LEHI's)."""
+    if not inspect.isclass(fn):
+        return [fn]
+    inits = []
+    for klass in fn.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        inits.append(init)
+        if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+            break
+    return inits
+
+
+def _type_hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], bool, set[str]]:
+    """(hints of the keyword parameters, whether any keyword is accepted, required names)."""
+    named: dict[str, Any] = {}
+    required: set[str] = set()
+    accepts_any = False
+    for depth, target in enumerate(signatures(fn)):
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception:  # unresolvable annotations (other libraries): check names only
+            hints = {}
+        params = [
+            p
+            for p in inspect.signature(target).parameters.values()
+            if p.name != "self" and p.kind is not p.VAR_POSITIONAL
+        ]
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        for p in params:
+            if p.kind is not p.VAR_KEYWORD:
+                named.setdefault(p.name, hints.get(p.name, Any))
+        if depth == 0:  # what a base requires, the subclass passes on itself
+            required = {
+                p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD
+            }
     return named, accepts_any, required
 
 

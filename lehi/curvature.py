@@ -8,7 +8,7 @@ loss is
 with E[v_n] = 0 and E[v_n v_nᵀ] = H_z(z_n, y_n), the Hessian of the per-term loss with respect
 to the output. Its gradient (1/N) Σ_n J_nᵀ v_n costs one extra backward pass through the
 training graph, and h = (∇L_aux)² satisfies E[h] = (1/N²) Σ_n diag(J_nᵀ H_z J_n): the diagonal
-of the mini-batch Gauss–Newton matrix divided by N (see ../shared/docs/METHOD.md).
+of the mini-batch Gauss–Newton matrix divided by N (see docs/method.md).
 
 This module is the only place that knows how v is drawn for each loss. A loss rule bundles the
 loss itself (as the trainer computes it), the draw of v and the count N of loss terms.
@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lehi._torch_compat import saved_attribute
 
 __all__ = [
     "LOSS_RULES",
@@ -315,15 +317,16 @@ def is_mean_cross_entropy(loss: Tensor, outputs: Tensor, ignore_index: int) -> b
     node = loss.grad_fn
     if type(node).__name__ != "NllLossBackward0" or outputs.grad_fn is None:
         return False
-    saved_index = int(node._saved_ignore_index)
+    saved_index = int(saved_attribute(node, "ignore_index"))
     if saved_index >= 2**63:  # stored as an unsigned 64-bit integer
         saved_index -= 2**64
-    if node._saved_reduction != 1 or node._saved_weight is not None or saved_index != ignore_index:
+    reduction, weight = saved_attribute(node, "reduction"), saved_attribute(node, "weight")
+    if reduction != 1 or weight is not None or saved_index != ignore_index:
         return False
     node = node.next_functions[0][0]
     if type(node).__name__ != "LogSoftmaxBackward0":
         return False
-    if node._saved_dim not in (-1, node._saved_result.dim() - 1):
+    if saved_attribute(node, "dim") not in (-1, saved_attribute(node, "result").dim() - 1):
         return False
     node = node.next_functions[0][0]
     while type(node).__name__ in _VIEWS and node is not outputs.grad_fn:

@@ -24,17 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import lehi.data
-from lehi import _lazy_dynamo
+from lehi._torch_compat import defer_dynamo_imports, donated_buffers_off
 from lehi.checkpoint import CheckpointError
-from lehi.config import ConfigError, check_call, check_run, pick_device
+from lehi.config import ConfigError, check_call, check_run, pick_device, resolve_target
 from lehi.data import DataFileError, DataUnavailableError
 from lehi.distributed import Distributed, from_environment
-from lehi.optim import BUILDER_KEYS, CurvatureOptimizer, build_optimizer
+from lehi.optim import (
+    BUILDER_KEYS,
+    CURVATURE_INPUTS,
+    CurvatureOptimizer,
+    build_optimizer,
+    check_options,
+)
 from lehi.preemption import Interrupted, StopSignals
 from lehi.record import RunBusyError, RunRecord, environment, git, identity_hash, run_dir
 from lehi.train import Trainer
@@ -46,7 +51,7 @@ log = logging.getLogger("lehi")
 
 # torch.optim imports torch._dynamo (~2.5 s) in eager mode; only compiled runs need it. Done
 # for the suite's own runs only: importing lehi.optim into another program patches nothing.
-_lazy_dynamo.install()
+defer_dynamo_imports()
 
 #: Statuses that are results: the same config is then skipped unless trainer.force=true.
 FINAL_STATUSES = ("completed", "diverged")
@@ -61,7 +66,7 @@ MODEL_METADATA = ("name",)
 SECTION_CALLS = {
     "dataset": (("name", "recipe"), ()),
     "model": (MODEL_METADATA, ("input_shape", "num_outputs")),
-    "optimizer": (BUILDER_KEYS, ("params", "loss", "ignore_index", "seed")),
+    "optimizer": (BUILDER_KEYS, ("params", *CURVATURE_INPUTS)),
 }
 
 
@@ -112,15 +117,16 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
 def _check_section(
     options: dict[str, Any], section: str, metadata: tuple[str, ...], supplied: tuple[str, ...]
 ) -> None:
-    """Keys and types of a group's options against its ``_target_``'s signature."""
-    try:
-        target = get_method(options["_target_"])
-    except Exception:
-        raise ConfigError(
-            f"{section}._target_={options['_target_']!r} cannot be imported"
-        ) from None
+    """Keys and types of a group's options against its ``_target_``'s signature; for the
+    optimizer also the ranges of its hyper-parameters (lehi.optim's, before data is read)."""
+    target = resolve_target(options["_target_"], f"{section}._target_")
     arguments = {k: v for k, v in options.items() if k not in (*metadata, "_target_")}
     check_call(target, arguments, section, supplied=supplied)
+    if section == "optimizer":
+        try:
+            check_options(arguments)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 @dataclass
@@ -187,7 +193,7 @@ def _options_checked() -> Iterator[None]:
 def build_model(options: dict[str, Any], bundle: lehi.data.DataBundle) -> torch.nn.Module:
     """Call the model config's ``_target_`` with the data's input shape and output count."""
     options = {k: v for k, v in options.items() if k not in MODEL_METADATA}
-    target = get_method(options.pop("_target_"))
+    target = resolve_target(options.pop("_target_"), "model._target_")
     return target(
         input_shape=tuple(bundle.input_shape), num_outputs=int(bundle.num_outputs), **options
     )
@@ -338,7 +344,7 @@ def _compile_context(p: Plan) -> Iterator[None]:
     if not p.trainer.compile:
         yield
         return
-    with torch._functorch.config.patch(donated_buffer=False):
+    with donated_buffers_off():
         yield
 
 

@@ -2,8 +2,9 @@
 
     python plots/make_figures.py --root results --out plots/figures
 
-Writes the figures (PNG + PDF) into --out and results/summary.{md,csv} (+ significance.csv)
-into --root. With no finished run under --root it prints one guidance line and exits 1.
+Writes the figures (PNG + PDF) into --out, results/summary.{md,csv} (+ significance.csv)
+into --root, and for the committed results/ README.md's findings block (lehi.results.findings;
+--readme names another file). With no finished run under --root it prints one guidance line and exits 1.
 To add a figure producer, append its ``make(results, out) -> list[Path]`` to FIGURES.
 """
 
@@ -31,7 +32,7 @@ FIGURES: list[common.FigureFn] = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every producer in FIGURES and write the summary; return the exit code."""
-    return common.main(FIGURES, argv, description=__doc__.split("\n")[0], summary=True)
+    return common.main(FIGURES, argv, description=__doc__.split("\n")[0], summary=True, readme=True)
 
 
 if __name__ == "__main__":

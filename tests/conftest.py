@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
+from helpers.threads import single_thread
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -26,13 +26,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models on a 2-core machine run fastest (and steadiest) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Tiny models on a 2-core machine run fastest (and steadiest) on one thread.
+one_thread = pytest.fixture(single_thread, name="one_thread")
 
 
 #: ``make mutate``: the tests written for each mutated module; [tool.mutmut] in pyproject.toml

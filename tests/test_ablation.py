@@ -62,7 +62,9 @@ SPIKES = {
 INITIAL = 2.3
 
 
-def write_run(root: Path, exp: str, label: str, name: str, lr: float, seed: int, value) -> None:
+def write_reading_run(
+    root: Path, exp: str, label: str, name: str, lr: float, seed: int, value
+) -> None:
     """config.yaml, metrics.csv and summary.json as the trainer writes them."""
     run = root / exp / label / f"lr={lr:g}" / f"seed={seed}"
     run.mkdir(parents=True)
@@ -108,8 +110,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for (label, name), grid in GRID.items():
         for lr, values in grid.items():
             for seed, value in enumerate(values):
-                write_run(root, EXP, label, name, lr, seed, value)
-    write_run(root, "digits", "adam", "adam", 1e-3, 0, 0.1)  # not an ablation experiment
+                write_reading_run(root, EXP, label, name, lr, seed, value)
+    write_reading_run(root, "digits", "adam", "adam", 1e-3, 0, 0.1)  # not an ablation experiment
     return root
 
 
@@ -209,7 +211,7 @@ def test_write_summary_writes_the_ablation(tree: Path, tmp_path: Path) -> None:
     assert "| 1.00 (0.1 1) |" in rows[2]
     # a tree without ablation experiments writes no ablation files
     other = tmp_path / "plain"
-    write_run(other, "digits", "adam", "adam", 1e-3, 0, 0.1)
+    write_reading_run(other, "digits", "adam", "adam", 1e-3, 0, 0.1)
     assert all("ablation" not in p.name for p in write_summary(other))
 
 
@@ -314,11 +316,11 @@ def test_zero_h_cli(tmp_path: Path) -> None:
 
 def test_trained_counts_a_run_stuck_near_its_initial_loss_as_untrained(tmp_path: Path) -> None:
     root = tmp_path / "results"
-    write_run(root, EXP, "adam", "adam", 1e-3, 0, 0.5)  # trained
-    write_run(root, EXP, "adam", "adam", 1e-3, 1, 0.6)
-    write_run(root, EXP, "adam", "adam", 1e-1, 0, 2.25)  # "completed", 2 % below the start
-    write_run(root, EXP, "adam", "adam", 1e-1, 1, 0.6)
-    write_run(root, EXP, "adam", "adam", 3e-1, 0, D)  # diverged
+    write_reading_run(root, EXP, "adam", "adam", 1e-3, 0, 0.5)  # trained
+    write_reading_run(root, EXP, "adam", "adam", 1e-3, 1, 0.6)
+    write_reading_run(root, EXP, "adam", "adam", 1e-1, 0, 2.25)  # "completed", 2 % below the start
+    write_reading_run(root, EXP, "adam", "adam", 1e-1, 1, 0.6)
+    write_reading_run(root, EXP, "adam", "adam", 3e-1, 0, D)  # diverged
     results = collect(root)
     runs = results.runs.set_index(["lr", "seed"])
     assert runs.loc[(1e-1, 0), "trained"] == (2.25 <= 0.9 * INITIAL)

@@ -23,7 +23,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from helpers.optim import batches, tiny_mlp, train
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import lehi.data
@@ -42,38 +43,10 @@ pytestmark = [
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
+#: The problem of these tests: an 8-32-5 tanh MLP on batches of 32.
+SHAPE = dict(d_in=8, hidden=32, d_out=5)
+DATA = dict(n=32, d_in=8, classes=5)
 CURVATURE_KEY = {LEHI: "exp_avg_curvature", LEHIBrid: "exp_avg_curvature", SophiaG: "hessian"}
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    """A small tanh MLP, initialised on the CPU so every device starts from the same weights."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 5))
-
-
-def batches(n_steps: int, n: int = 32, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 8, generator=g), torch.randint(0, 5, (n,), generator=g))
-        for _ in range(n_steps)
-    ]
-
-
-def train(
-    model: nn.Module, opt: torch.optim.Optimizer, data: list[tuple[Tensor, Tensor]]
-) -> list[float]:
-    """The trainer's step (one forward, lehi.optim.backward, step) on the model's device."""
-    device = next(model.parameters()).device
-    losses = []
-    for x, y in data:
-        x, y = x.to(device), y.to(device)
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        backward(opt, loss, out, y)
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def assert_params_close(a: nn.Module, b: nn.Module, atol: float, rtol: float = 0.0) -> None:
@@ -84,10 +57,10 @@ def assert_params_close(a: nn.Module, b: nn.Module, atol: float, rtol: float = 0
 # ------------------------------------------------------------------ CUDA against the CPU
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid])
 def test_squared_gradient_on_cuda_is_adam_and_the_cpu_run(cls):
-    data = batches(20)
-    adam_model = mlp().to(CUDA)
+    data = batches(20, **DATA)
+    adam_model = tiny_mlp(**SHAPE).to(CUDA)
     train(adam_model, torch.optim.Adam(adam_model.parameters(), lr=3e-3), data)
-    cpu_model, cuda_model = mlp().to(CPU), mlp().to(CUDA)
+    cpu_model, cuda_model = tiny_mlp(**SHAPE).to(CPU), tiny_mlp(**SHAPE).to(CUDA)
     for model in (cpu_model, cuda_model):
         opt = cls(model.parameters(), lr=3e-3, estimator="squared_gradient", seed=0)
         train(model, opt, data)
@@ -98,8 +71,8 @@ def test_squared_gradient_on_cuda_is_adam_and_the_cpu_run(cls):
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
 def test_curvature_on_cuda_comes_from_the_seeded_cuda_generator(cls):
     """With β2 = 0 the state holds this step's h: (∇L_aux)² for v from Generator('cuda')."""
-    model = mlp().to(CUDA)
-    x, y = (t.to(CUDA) for t in batches(1)[0])
+    model = tiny_mlp(**SHAPE).to(CUDA)
+    x, y = (t.to(CUDA) for t in batches(1, **DATA)[0])
     opt = cls(model.parameters(), betas=(0.9, 0.0), seed=7)
     out = model(x)
     opt.backward(F.cross_entropy(out, y), out, y)
@@ -123,12 +96,12 @@ def test_curvature_on_cuda_comes_from_the_seeded_cuda_generator(cls):
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
 def test_cuda_steps_follow_the_cpu_steps_from_one_state(cls):
     """One sampled step on CUDA, its state copied to the CPU, then nine more on both."""
-    data = batches(10)
+    data = batches(10, **DATA)
     kwargs = dict(lr=1e-3, hessian_every=10, seed=3)  # steps 2-10 refresh nothing
-    cuda_model = mlp().to(CUDA)
+    cuda_model = tiny_mlp(**SHAPE).to(CUDA)
     cuda_opt = cls(cuda_model.parameters(), **kwargs)
     train(cuda_model, cuda_opt, data[:1])
-    cpu_model = mlp()
+    cpu_model = tiny_mlp(**SHAPE)
     cpu_model.load_state_dict(cuda_model.state_dict())
     cpu_opt = cls(cpu_model.parameters(), **kwargs)
     # A deep copy, so the two runs can never share a state tensor (not even on one device).
@@ -153,10 +126,10 @@ def foreach_ops_in_step(opt: torch.optim.Optimizer) -> set[str]:
 
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
 def test_foreach_is_the_cuda_default_and_agrees_with_single_tensor(cls):
-    data = batches(20)
+    data = batches(20, **DATA)
     runs = {}
     for foreach in (None, False):
-        model = mlp().to(CUDA)
+        model = tiny_mlp(**SHAPE).to(CUDA)
         opt = cls(model.parameters(), lr=1e-3, hessian_every=1, seed=5, foreach=foreach)
         train(model, opt, data[:-1])
         x, y = (t.to(CUDA) for t in data[-1])
@@ -173,8 +146,8 @@ def test_foreach_is_the_cuda_default_and_agrees_with_single_tensor(cls):
 # ---------------------------------------------------------------------- state round trip
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
 def test_state_dict_round_trip_on_cuda_continues_identically(cls):
-    data = batches(7)
-    model = mlp().to(CUDA)
+    data = batches(7, **DATA)
+    model = tiny_mlp(**SHAPE).to(CUDA)
     opt = cls(model.parameters(), lr=1e-3, hessian_every=2, seed=11)
     train(model, opt, data[:3])
     buffer = io.BytesIO()
@@ -186,7 +159,7 @@ def test_state_dict_round_trip_on_cuda_continues_identically(cls):
 
     buffer.seek(0)
     state = torch.load(buffer, map_location=CUDA, weights_only=True)
-    resumed_model = mlp(seed=1).to(CUDA)
+    resumed_model = tiny_mlp(1, **SHAPE).to(CUDA)
     resumed_model.load_state_dict(state["model"])
     resumed = cls(resumed_model.parameters(), lr=1e-3, hessian_every=2, seed=999)
     resumed.load_state_dict(state["optimizer"])

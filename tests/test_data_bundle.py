@@ -191,8 +191,12 @@ def test_option_errors_name_the_key():
     assert str(err.value).startswith("dataset.val_fraction is required by lehi.data.digits.build")
     with pytest.raises(ValueError, match="dataset._target_ is missing"):
         data.build({"name": "digits", "seed": 0})
-    with pytest.raises(ValueError, match="dataset._target_ 'lehi.data.nope.build' cannot be"):
+    with pytest.raises(
+        ValueError, match="dataset._target_='lehi.data.nope.build' cannot be"
+    ) as err:
         data.build("digits", _target_="lehi.data.nope.build")
+    assert "No module named 'lehi.data.nope'" in str(err.value)  # the cause, kept
+    assert isinstance(err.value.__cause__, ModuleNotFoundError)
     # a TypeError raised inside a builder is a bug, not a bad option: it keeps its traceback
     with pytest.raises(TypeError) as err:
         data.build("digits", val_fraction="a fifth")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import socket
 import struct
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers.net import closed_port_url
 
 import lehi.data as data
 from lehi.data import cifar10, mnist
@@ -22,14 +22,6 @@ from lehi.data.files import DataUnavailableError
 SHARED = Path(
     os.environ.get("LEHI_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
-
-
-def closed_port_url() -> str:
-    """An http URL on loopback where nothing listens (simulates being offline)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

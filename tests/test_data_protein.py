@@ -4,11 +4,11 @@ through a file:// URL, checksum and offline errors, and the shared real file."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.net import closed_port_url
 
 import lehi.data as data
 from lehi.data import protein
@@ -24,13 +24,6 @@ HEADERS = {
     "comment": '# "RMSD","F1","F2","F3","F4","F5","F6","F7","F8","F9"',
     "none": None,
 }
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/CASP.csv"
 
 
 def make_rows(n: int = 200) -> np.ndarray:
@@ -119,7 +112,7 @@ def test_existing_file_with_wrong_rows_is_not_used(tmp_path):
 
 
 def test_offline_missing_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(protein, "CASP_URL", closed_port_url())
+    monkeypatch.setattr(protein, "CASP_URL", closed_port_url("CASP.csv"))
     target = tmp_path / "data"
     with pytest.raises(DataUnavailableError) as err:
         data.build("protein", data_dir=target)

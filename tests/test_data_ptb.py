@@ -4,13 +4,13 @@ the offline error, and the shared real files."""
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.net import closed_port_url
 
 import lehi.data as data
 from lehi.data import ptb
@@ -30,13 +30,6 @@ def write_ptb(folder: Path, text: dict[str, list[str]] = TEXT) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split, lines in text.items():
         (folder / f"ptb.{split}.txt").write_text("".join(line + "\n" for line in lines))
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def test_small_files_vocab_and_bptt(tmp_path):

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.optim import tiny_mlp
+from helpers.threads import single_thread
 from torch import nn
 
 from lehi.diagnostics.estimates import (
@@ -32,19 +34,13 @@ from lehi.diagnostics.setups import DiagnosticCNN, get_setup
 from lehi.diagnostics.trajectory import optimizer_options, trainer_config
 from lehi.optim import build_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast alone and far faster on a CPU shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Tiny models: one thread is as fast alone and far faster on a CPU shared with
+#: other jobs; one for the whole module.
+one_thread = pytest.fixture(single_thread, autouse=True, scope="module", name="one_thread")
 
 
-def tiny_mlp(activation: type[nn.Module] = nn.Tanh, d_in: int = 5, hidden: int = 6, d_out: int = 3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d_in, hidden), activation(), nn.Linear(hidden, d_out)).double()
+#: The diagnostics' model: a float64 tanh MLP 5-6-3 (exact Hessians are cheap).
+SMALL = dict(d_in=5, hidden=6, d_out=3, dtype=torch.float64)
 
 
 def data(loss: str, n: int = 9, d_in: int = 5, d_out: int = 3, seed: int = 1):
@@ -86,7 +82,7 @@ def flat(diagonal: dict, model: nn.Module):
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("structured", [True, False])
 def test_hessian_diagonal_matches_central_finite_differences(loss, structured):
-    model = tiny_mlp()
+    model = tiny_mlp(**SMALL)
     x, y = data(loss)
     exact = flat(hessian_diagonal(model, loss, x, y, structured=structured), model)
     fd = finite_difference_diagonal(model, loss, x, y)
@@ -127,7 +123,7 @@ def test_gauss_newton_equals_hessian_for_a_linear_model(loss):
 def test_gauss_newton_equals_hessian_diagonal_for_a_relu_network():
     """Each weight enters a ReLU network linearly inside its activation region, so the
     residual term of the Hessian has a zero diagonal."""
-    model = tiny_mlp(nn.ReLU)
+    model = tiny_mlp(activation=nn.ReLU, **SMALL)
     x, y = data("cross_entropy")
     gn = gauss_newton_diagonal(model, "cross_entropy", x, y)
     hess = hessian_diagonal(model, "cross_entropy", x, y)
@@ -137,7 +133,7 @@ def test_gauss_newton_equals_hessian_diagonal_for_a_relu_network():
 
 def test_gauss_newton_matches_explicit_per_example_sum():
     """(1/N) Σ_n J_nᵀ H_z J_n with J_n from a loop of backward passes and H_z = diag(p) − ppᵀ."""
-    model = tiny_mlp()
+    model = tiny_mlp(**SMALL)
     x, y = data("cross_entropy")
     gn = flat(gauss_newton_diagonal(model, "cross_entropy", x, y), model)
     expected = torch.zeros_like(gn)
@@ -170,7 +166,7 @@ def test_per_example_methods_refuse_batchnorm_in_training_mode():
 
 # --------------------------------------------------------------------------- estimates
 def test_averaged_lehi_estimate_converges_to_gauss_newton_like_one_over_sqrt_draws():
-    model = tiny_mlp(d_out=4)
+    model = tiny_mlp(**{**SMALL, "d_out": 4})
     x, y = data("cross_entropy", n=12, d_out=4)
     gn = flat(gauss_newton_diagonal(model, "cross_entropy", x, y), model)
     draws = [4, 16, 64, 256]
@@ -200,14 +196,16 @@ def test_optimizer_states_after_one_step_equal_the_instantaneous_estimates():
     which gives the same labels as the estimates' softmax (computed in float32) only then."""
     x, y = data("cross_entropy", n=10)
     x = x.float()
-    estimates = instantaneous_estimates(tiny_mlp().float(), "cross_entropy", x, y, draws=2, seed=7)
+    estimates = instantaneous_estimates(
+        tiny_mlp(**SMALL).float(), "cross_entropy", x, y, draws=2, seed=7
+    )
     for name, key, factor in [
         ("lehi", "lehi", 1.0),
         ("lehibrid", "lehibrid", 1.0),
         ("adam", "adam", 1.0),
         ("sophia", "sophia", 1 - 0.99),
     ]:
-        model = tiny_mlp().float()
+        model = tiny_mlp(**SMALL).float()
         options = optimizer_options(name, "digits")  # the YAML config the study trains with
         opt = build_optimizer(options, model, loss="cross_entropy", ignore_index=-100, seed=7)
         out = model(x)
@@ -224,7 +222,7 @@ def test_optimizer_states_after_one_step_equal_the_instantaneous_estimates():
 
 def test_instantaneous_estimates_relations():
     x, y = data("cross_entropy", n=10)
-    model = tiny_mlp()
+    model = tiny_mlp(**SMALL)
     est = instantaneous_estimates(model, "cross_entropy", x, y, draws=3, seed=3)
     for name in est["lehi"]:
         torch.testing.assert_close(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+from helpers.net import free_port
 
 from lehi.record import RunRecord
 
@@ -17,13 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train(run_dir, *args: str, ranks: int = 1) -> list[dict]:
+def train_cli(run_dir, *args: str, ranks: int = 1) -> list[dict]:
     common = [
         "logger=files",
         "trainer.epochs=2",
@@ -61,8 +55,8 @@ def test_two_ranks_follow_the_one_process_trajectory(tmp_path, optimizer):
     # so LEHI's trajectory is the one-process trajectory too. ε = 1e-4 bounds how much LEHI
     # amplifies the last-bit differences of the cross-rank sum where h is ~0 (see
     # test_gradient_accumulation_equals_the_full_batch).
-    one = train(tmp_path / "one", *optimizer)
-    two = train(tmp_path / "two", *optimizer, ranks=2)
+    one = train_cli(tmp_path / "one", *optimizer)
+    two = train_cli(tmp_path / "two", *optimizer, ranks=2)
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)

@@ -43,6 +43,9 @@ MALFORMED = [
     (["optimizer=lehi", "optimizer.sampler=bogus"], "sampler", 2),
     (["optimizer=lehi", "optimizer.eps_inside_sqrt=1"], "optimizer.eps_inside_sqrt", 2),
     (["optimizer=lehibrid", "optimizer.hybrid=median"], "hybrid", 2),
+    # LEHIBrid passes **kwargs on to LEHI: its keys and types are LEHI's
+    (["optimizer=lehibrid", "optimizer.scale_by_batch=maybe"], "optimizer.scale_by_batch", 2),
+    (["optimizer=lehibrid", "+optimizer.momentum=0.9"], "optimizer.momentum", 2),
     (["optimizer=sophia", "optimizer.rho=-1"], "rho", 2),
     (["seed=1.5"], "seed", 2),
     (["seed=abc"], "seed", 2),

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.threads import single_thread
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from lehi.models import build, device_peak_flops, flops_per_token, mfu, num_params
 from lehi.models.llama import LlamaConfig, apply_rope, rope_cache
+
+#: These tensors are tiny; on the 2-core test machine OpenMP's two-thread hand-offs
+#: stall for ~0.25 s on such small convolutions, so one thread is 20x faster here.
+one_thread = pytest.fixture(single_thread, autouse=True, scope="module", name="one_thread")
 
 
 @dataclass
@@ -24,16 +29,6 @@ class Shape:
 
     input_shape: tuple[int, ...]
     num_outputs: int
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny; on the 2-core test machine OpenMP's two-thread hand-offs
-    stall for ~0.25 s on such small convolutions, so one thread is 20x faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 DIGITS, MNIST, PROTEIN = Shape((64,), 10), Shape((1, 28, 28), 10), Shape((9,), 1)
@@ -94,7 +89,7 @@ def test_cnn_param_count():
     )  # fmt: skip
     n = num_params(build("cnn", CIFAR))
     assert n == expected == 104_042
-    assert abs(n - 0.11e6) / 0.11e6 < 0.1  # "~0.11M" of EXPERIMENTS.md
+    assert abs(n - 0.11e6) / 0.11e6 < 0.1  # "~0.11M" of docs/experiments.md
 
 
 def test_resnet18_param_count_from_layer_shapes():

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF
+from conftest import compose_config
+from helpers.optim import batches, tiny_mlp, train
 from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
@@ -17,36 +18,11 @@ from lehi.curvature import aux_loss, aux_vector, per_example_curvature
 from lehi.optim import LEHI, LEHIBrid, SophiaG, backward, build_optimizer
 
 
-def mlp(d_in: int = 6, hidden: int = 12, d_out: int = 4, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
-
-
-def batches(n_steps: int, n: int = 16, d_in: int = 6, classes: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g))
-        for _ in range(n_steps)
-    ]
-
-
 def build(name: str, model: nn.Module, *, seed: int = 0, **overrides) -> torch.optim.Optimizer:
-    """Optimizer ``name`` from its config file (conf/optimizer), with ``overrides``."""
-    config = OmegaConf.merge(OmegaConf.load(CONF / "optimizer" / f"{name}.yaml"), overrides)
+    """Optimizer ``name`` as its config composes (conf/optimizer), with ``overrides``."""
+    config = OmegaConf.merge(compose_config([f"optimizer={name}"]).optimizer, overrides)
     options = OmegaConf.to_container(config, resolve=True)
     return build_optimizer(options, model, loss="cross_entropy", ignore_index=-100, seed=seed)
-
-
-def train(model, opt, data, loss_fn=F.cross_entropy):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        out = model(x)
-        loss = loss_fn(out, y)
-        backward(opt, loss, out, y)
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 # ----------------------------------------------------------------------------- Adam parity
@@ -54,7 +30,7 @@ def train(model, opt, data, loss_fn=F.cross_entropy):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_squared_gradient_lehi_is_adamw(foreach, weight_decay):
     data = batches(50)
-    ref_model, model = mlp(), mlp()
+    ref_model, model = tiny_mlp(), tiny_mlp()
     ref_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
     ref = ref_cls(ref_model.parameters(), lr=3e-3, weight_decay=weight_decay, foreach=foreach)
     opt = LEHI(
@@ -109,7 +85,7 @@ def mean_h(model, x, y, loss, draws, scale_by_batch, seed=0):
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("scale_by_batch", [False, True])
 def test_monte_carlo_h_matches_gauss_newton_diagonal(loss, scale_by_batch):
-    model = mlp(d_in=5, hidden=8, d_out=3)
+    model = tiny_mlp(d_in=5, hidden=8, d_out=3)
     n = 12
     x = torch.randn(n, 5, generator=torch.Generator().manual_seed(3))
     y = torch.randint(0, 3, (n,)) if loss == "cross_entropy" else torch.randn(n, 3)
@@ -125,7 +101,7 @@ def test_monte_carlo_h_matches_gauss_newton_diagonal(loss, scale_by_batch):
 
 
 def test_per_example_mode_equals_sum_of_per_example_squares():
-    model = mlp(d_in=5, hidden=8, d_out=3)
+    model = tiny_mlp(d_in=5, hidden=8, d_out=3)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     h = per_example_curvature(model, x, y, "cross_entropy", torch.Generator().manual_seed(7))
     v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(7))
@@ -155,7 +131,7 @@ def test_cross_entropy_v_ignores_masked_targets_and_handles_sequences():
 
 def test_streamed_fold_equals_squared_auxiliary_gradient():
     """With β2 = 0 the curvature state after one pass is exactly h = (∇L_aux)²."""
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     opt = LEHI(model.parameters(), lr=1e-3, betas=(0.9, 0.0), seed=11)
     out = model(x)
@@ -174,7 +150,7 @@ def test_streamed_fold_equals_squared_auxiliary_gradient():
 
 @pytest.mark.parametrize("hybrid", ["max", "sum", "mix"])
 def test_lehibrid_combines_squared_gradient_and_h(hybrid):
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     opt = LEHIBrid(model.parameters(), betas=(0.9, 0.0), hybrid=hybrid, mix_weight=0.25, seed=5)
     out = model(x)
@@ -187,7 +163,7 @@ def test_lehibrid_combines_squared_gradient_and_h(hybrid):
 
 
 def test_hessian_every_refreshes_on_steps_one_plus_multiples_of_k():
-    model = mlp()
+    model = tiny_mlp()
     opt = LEHI(model.parameters(), hessian_every=3)
     refreshed = []
     for x, y in batches(7):
@@ -201,7 +177,7 @@ def test_hessian_every_refreshes_on_steps_one_plus_multiples_of_k():
 
 
 def test_plain_backward_on_a_refresh_step_is_a_clear_error():
-    model = mlp()
+    model = tiny_mlp()
     opt = LEHI(model.parameters())
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()
@@ -213,7 +189,7 @@ def test_plain_backward_on_a_refresh_step_is_a_clear_error():
 def test_sophia_matches_published_update():
     """A direct transcription of the official SophiaG (step + update_hessian + loop)."""
     data = batches(25, n=10)
-    model, ref_model = mlp(), mlp()
+    model, ref_model = tiny_mlp(), tiny_mlp()
     lr, betas, rho, wd, k = 3e-3, (0.965, 0.99), 0.04, 0.1, 10
     opt = SophiaG(
         model.parameters(),
@@ -263,7 +239,7 @@ def test_foreach_and_single_tensor_paths_agree(name):
     data = batches(15)
     results = []
     for foreach in (False, True):
-        model = mlp()
+        model = tiny_mlp()
         opt = build(name, model, seed=1, foreach=foreach, **OPTIMIZER_KWARGS[name])
         train(model, opt, data)
         results.append([p.detach().clone() for p in model.parameters()])
@@ -274,14 +250,14 @@ def test_foreach_and_single_tensor_paths_agree(name):
 @pytest.mark.parametrize("name", list(OPTIMIZER_KWARGS))
 def test_state_dict_round_trip_continues_identically(name):
     data = batches(20)
-    model = mlp()
+    model = tiny_mlp()
     opt = build(name, model, seed=2, **OPTIMIZER_KWARGS[name])
     train(model, opt, data[:10])
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     uninterrupted = train(model, opt, data[10:])
 
-    resumed_model = mlp(seed=99)
+    resumed_model = tiny_mlp(seed=99)
     resumed_model.load_state_dict(saved_model)
     resumed_opt = build(name, resumed_model, seed=12345, **OPTIMIZER_KWARGS[name])
     resumed_opt.load_state_dict(saved_opt)
@@ -308,22 +284,22 @@ def test_state_dict_round_trip_continues_identically(name):
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid])
 def test_bad_hyperparameters_name_the_argument(cls, kwargs, named):
     with pytest.raises(ValueError, match=named):
-        cls(mlp().parameters(), **kwargs)
+        cls(tiny_mlp().parameters(), **kwargs)
 
 
 def test_bad_choices_in_sophia_and_registry():
     with pytest.raises(ValueError, match="hybrid"):
-        LEHIBrid(mlp().parameters(), hybrid="min")
+        LEHIBrid(tiny_mlp().parameters(), hybrid="min")
     with pytest.raises(ValueError, match="rho"):
-        SophiaG(mlp().parameters(), rho=0.0)
+        SophiaG(tiny_mlp().parameters(), rho=0.0)
     with pytest.raises(ValueError, match="cross_entropy, mse"):
-        SophiaG(mlp().parameters(), loss="hinge")
+        SophiaG(tiny_mlp().parameters(), loss="hinge")
     with pytest.raises(ValueError, match="optimizer._target_"):
         build_optimizer(
-            {"_target_": "torch.optim.NoSuch"}, mlp(), loss="mse", ignore_index=-100, seed=0
+            {"_target_": "torch.optim.NoSuch"}, tiny_mlp(), loss="mse", ignore_index=-100, seed=0
         )
     with pytest.raises(ValueError, match="optimizer.lr"):
-        build("adam", mlp(), lr=0.0)
+        build("adam", tiny_mlp(), lr=0.0)
 
 
 # ------------------------------------------------------------------------ real training

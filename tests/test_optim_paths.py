@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers.optim import batches, compile_works, tiny_mlp, train
 
 from lehi.curvature import (
     aux_grad_outputs,
@@ -25,38 +23,7 @@ from lehi.curvature import (
     is_mean_cross_entropy,
     sample_categorical,
 )
-from lehi.optim import LEHI, LEHIBrid, SophiaG, backward
-
-
-@functools.cache
-def compile_works() -> bool:
-    """Whether torch.compile can build a kernel here (on CPU it needs a C++ compiler)."""
-    try:
-        fn = torch.compile(lambda t: t * 2 + 1, fullgraph=True)
-        return bool(torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0)))
-    except Exception:  # noqa: BLE001 - any failure means "not available here"
-        return False
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
-
-
-def batches(n_steps: int, n: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
-        for _ in range(n_steps)
-    ]
-
-
-def train(model: nn.Module, opt: torch.optim.Optimizer, data) -> None:
-    for x, y in data:
-        opt.zero_grad()
-        out = model(x)
-        backward(opt, F.cross_entropy(out, y), out, y)
-        opt.step()
+from lehi.optim import LEHI, LEHIBrid, SophiaG
 
 
 @pytest.mark.parametrize(
@@ -74,7 +41,7 @@ def test_compiled_step_equals_eager_step(kwargs):
     data = batches(6)
     results = []
     for compiled in (False, True):
-        model = mlp()
+        model = tiny_mlp()
         opt = LEHI(model.parameters(), lr=3e-3, seed=4, foreach=False, compile=compiled, **kwargs)
         train(model, opt, data[:3])
         for group in opt.param_groups:
@@ -92,7 +59,7 @@ def test_compiled_step_equals_eager_step(kwargs):
 
 def test_compile_must_be_a_bool():
     with pytest.raises(ValueError, match="compile"):
-        LEHI(mlp().parameters(), compile="yes")
+        LEHI(tiny_mlp().parameters(), compile="yes")
 
 
 @pytest.mark.parametrize("cls", [LEHI, SophiaG])
@@ -101,7 +68,7 @@ def test_every_backward_order_gives_the_same_g_and_h(cls, order):
     """The ordinary backward first (v from its gradient) or the auxiliary pass first (a loss
     the optimizer does not recognise, here 2·CE/2), or multinomial draws: g and h as from
     two separate graphs."""
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     sampler = "multinomial" if order == "multinomial" else "inverse_cdf"
     opt = cls(model.parameters(), betas=(0.9, 0.0), seed=9, sampler=sampler)
@@ -220,7 +187,7 @@ def test_cross_entropy_v_has_the_softmax_hessian_as_covariance(sampler):
 
 
 def test_optimizer_uses_its_sampler():
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     opt = LEHI(model.parameters(), betas=(0.9, 0.0), sampler="inverse_cdf", seed=3)
     out = model(x)
@@ -235,4 +202,4 @@ def test_optimizer_uses_its_sampler():
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid, SophiaG])
 def test_unknown_sampler_is_a_clear_error(cls):
     with pytest.raises(ValueError, match="sampler='gumbel' is not one of multinomial"):
-        cls(mlp().parameters(), sampler="gumbel")
+        cls(tiny_mlp().parameters(), sampler="gumbel")

@@ -40,7 +40,7 @@ def val_curve(base: float, seed: int) -> np.ndarray:
     return base * (1 + 1.0 / np.arange(1, 6)) + 0.01 * seed
 
 
-def step_time(opt: str, seed: int) -> float:
+def seconds_per_step(opt: str, seed: int) -> float:
     return SECONDS_PER_STEP[opt] * (1 + 0.1 * seed)
 
 
@@ -60,7 +60,7 @@ def write_tree(root: Path) -> None:
                     f"optimizer:\n  name: {opt}\n  lr: {lr}\nseed: {seed}\n"
                 )
                 diverged = (opt, lr, seed) in DIVERGED
-                tps, passes = step_time(opt, seed), int(opt == "lehi")
+                tps, passes = seconds_per_step(opt, seed), int(opt == "lehi")
                 vals = val_curve(base, seed)[: 2 if diverged else 5]
                 rows = ["step,epoch,split,loss,metric,lr,wall_time,train_time,curvature_passes"]
                 for i, (step, val) in enumerate(zip(EVAL_STEPS, vals, strict=False)):
@@ -110,7 +110,7 @@ def write_tree(root: Path) -> None:
                 )
 
 
-def write_step_cost(root: Path) -> None:
+def write_digits_step_cost(root: Path) -> None:
     stepcost.write(
         stepcost.path_for(root, "digits"),
         {
@@ -135,7 +135,7 @@ def edit_summary(run: Path, **changes: object) -> None:
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("plots") / "results"
     write_tree(root)
-    write_step_cost(root)
+    write_digits_step_cost(root)
     return root
 
 

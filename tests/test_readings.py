@@ -13,23 +13,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.optim import batches, tiny_mlp
 from torch import nn
 
 from lehi.curvature import aux_loss, per_example_curvature
 from lehi.optim import LEHI, LEHIBrid, SophiaG, backward, build_optimizer, param_groups
-
-
-def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).to(dtype)
-
-
-def batches(n_steps: int, n: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
-        for _ in range(n_steps)
-    ]
 
 
 def one_refresh(opt: torch.optim.Optimizer, model: nn.Module, x, y) -> None:
@@ -53,7 +41,7 @@ class Penalised(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = mlp()
+        self.net = tiny_mlp()
         self.extra = nn.Parameter(torch.linspace(-1.0, 1.0, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +71,7 @@ def test_parameter_without_curvature_follows_adams_rule(cls, foreach):
 
 
 def test_bf16_counters_keep_counting_after_a_round_trip():
-    model = mlp(dtype=torch.bfloat16)
+    model = tiny_mlp(dtype=torch.bfloat16)
     opt = LEHI(model.parameters(), lr=1e-3, seed=0)
     x, y = batches(1)[0]
     x = x.bfloat16()
@@ -104,7 +92,7 @@ def test_bf16_counters_keep_counting_after_a_round_trip():
 
 
 def test_sophia_step_counter_stays_float32_on_load():
-    model = mlp(dtype=torch.bfloat16)
+    model = tiny_mlp(dtype=torch.bfloat16)
     opt = SophiaG(model.parameters(), seed=0)
     x, y = batches(1)[0]
     one_refresh(opt, model, x.bfloat16(), y)
@@ -116,7 +104,7 @@ def test_sophia_step_counter_stays_float32_on_load():
 
 @pytest.mark.parametrize("hybrid", ["max", "sum", "mix"])
 def test_lehibrid_scale_by_batch_compares_like_with_like(hybrid):
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     opt = LEHIBrid(model.parameters(), betas=(0.9, 0.0), hybrid=hybrid, scale_by_batch=True, seed=5)
     one_refresh(opt, model, x, y)
@@ -128,7 +116,7 @@ def test_lehibrid_scale_by_batch_compares_like_with_like(hybrid):
 
 
 def test_hessian_every_must_agree_across_groups():
-    model = mlp()
+    model = tiny_mlp()
     first, second = model[0].parameters(), model[2].parameters()
     with pytest.raises(ValueError, match="hessian_every must be the same in every"):
         LEHI([{"params": first}, {"params": second, "hessian_every": 3}])
@@ -136,7 +124,7 @@ def test_hessian_every_must_agree_across_groups():
 
 # ------------------------------------------------------------------------------ readings
 def test_warmup_draws_averages_independent_draws_on_the_first_refresh():
-    model = mlp()
+    model = tiny_mlp()
     (x, y), (x2, y2) = batches(2)
     opt = LEHI(
         model.parameters(), betas=(0.9, 0.0), curvature_warmup="draws", warmup_length=4, seed=3
@@ -156,7 +144,7 @@ def test_warmup_draws_averages_independent_draws_on_the_first_refresh():
 
 
 def test_warmup_max_grad_takes_the_larger_input_for_its_refreshes_only():
-    model = mlp()
+    model = tiny_mlp()
     data = batches(3)
     opt = LEHI(
         model.parameters(), betas=(0.9, 0.0), curvature_warmup="max_grad", warmup_length=2, seed=4
@@ -173,7 +161,7 @@ def test_warmup_max_grad_takes_the_larger_input_for_its_refreshes_only():
 
 
 def test_warmup_grad_folds_adams_input_without_an_auxiliary_pass():
-    model = mlp()
+    model = tiny_mlp()
     data = batches(3)
     opt = LEHI(
         model.parameters(), betas=(0.9, 0.0), curvature_warmup="grad", warmup_length=2, seed=6
@@ -193,7 +181,7 @@ def test_warmup_grad_folds_adams_input_without_an_auxiliary_pass():
 
 @pytest.mark.parametrize("cls", [LEHI, LEHIBrid])
 def test_h_floor_lifts_every_coordinate_to_a_fraction_of_the_mean(cls):
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     extra = {"hybrid": "sum"} if cls is LEHIBrid else {}
     opt = cls(model.parameters(), betas=(0.9, 0.0), h_floor=0.5, seed=2, **extra)
@@ -213,7 +201,7 @@ def test_update_clip_bounds_every_coordinate_of_the_update(path):
 
         if not compile_works():
             pytest.skip("torch.compile cannot build kernels on this machine")
-    model = mlp()
+    model = tiny_mlp()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
     lr, clip = 1e-2, 0.5
@@ -234,7 +222,7 @@ def test_update_clip_bounds_every_coordinate_of_the_update(path):
 
 
 def test_readings_are_off_by_default_and_checked():
-    model = mlp()
+    model = tiny_mlp()
     opt = LEHI(model.parameters())
     group = opt.param_groups[0]
     assert (opt.curvature_warmup, group["h_floor"], group["update_clip"]) == ("none", 0.0, None)
@@ -244,7 +232,7 @@ def test_readings_are_off_by_default_and_checked():
         (dict(warmup_length=0), "warmup_length"),
         (dict(h_floor=-1.0), "h_floor"),
         (dict(update_clip=0.0), "update_clip"),
-        (dict(betas=(0.9, 0.99, 0.5)), "betas must have exactly two"),
+        (dict(betas=(0.9, 0.99, 0.5)), r"betas must be two numbers in \[0, 1\)"),
         (dict(lr=float("nan")), "lr"),
     ]:
         with pytest.raises(ValueError, match=named):
@@ -253,7 +241,7 @@ def test_readings_are_off_by_default_and_checked():
 
 # ------------------------------------------------------------------------ data-parallel
 def test_configure_data_parallel_reduces_aux_grads_and_picks_draws():
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1)[0]
     reduced: list[int] = []
 
@@ -361,7 +349,7 @@ def test_param_groups_without_decay_is_one_group():
 
 # --------------------------------------------------------------------- the one fold hook
 def test_per_example_mode_folds_its_h_through_the_same_hook():
-    model = mlp()
+    model = tiny_mlp()
     x, y = batches(1, n=6)[0]
     opt = LEHI(model.parameters(), betas=(0.9, 0.0), estimator="per_example", seed=1)
     out = model(x)

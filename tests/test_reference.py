@@ -1,4 +1,4 @@
-"""Every option of LEHI, LEHIBrid and SophiaG against a plain transcription of METHOD.md.
+"""Every option of LEHI, LEHIBrid and SophiaG against a plain transcription of docs/method.md.
 
 The references below restate each update in plain tensor code, one line of the spec per line
 of code, with g and the auxiliary gradient computed by autograd on a copy of the model. The
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_optim_paths import compile_works
+from helpers.net import free_port
+from helpers.optim import compile_works
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -82,7 +82,7 @@ def draw_v(
 ) -> Tensor:
     v = aux_vector(loss, out.detach(), y, gen, ignore_index=IGNORE, sampler=sampler)
     if loss != "mse":
-        v = v * (y != IGNORE).unsqueeze(1)  # METHOD.md: ignored targets get v = 0
+        v = v * (y != IGNORE).unsqueeze(1)  # docs/method.md: ignored targets get v = 0
     return v
 
 
@@ -215,7 +215,7 @@ def gradients(
 def lehi_reference(
     model: nn.Module, loss: str, steps: list[Step], o: Options, gen: torch.Generator | None = None
 ) -> list[Tensor]:
-    """METHOD.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
+    """docs/method.md, LEHI and LEHIBrid, steps 1–4, with r counting curvature refreshes.
 
     LEHIBrid with scale_by_batch scales the hybrid, s·hybrid(g⊙g, h), so that like is compared
     with like (issue 12; the optimizer's docstring).
@@ -280,7 +280,7 @@ def lehi_reference(
 def sophia_reference(
     model: nn.Module, loss: str, steps: list[Step], o: Options, *, norms: list | None = None
 ) -> list[Tensor]:
-    """METHOD.md's SophiaG: ĝ clipped to norm c, h EMA every k steps, clipped ratio step."""
+    """docs/method.md's SophiaG: ĝ clipped to norm c, h EMA every k steps, clipped ratio step."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(SEED)
@@ -316,7 +316,9 @@ def reference(model: nn.Module, loss: str, steps: list[Step], o: Options) -> lis
 
 
 # ---------------------------------------------------------------------- the optimizers
-def train(model: nn.Module, loss: str, steps: list[Step], o: Options, **path: Any) -> list[Tensor]:
+def run_optimizer(
+    model: nn.Module, loss: str, steps: list[Step], o: Options, **path: Any
+) -> list[Tensor]:
     """The optimizer under test in a plain loop, through its public backward and step."""
     model = copy.deepcopy(model)
     opt = o.cls(
@@ -345,7 +347,7 @@ def run_steps(model: nn.Module, loss: str, steps: list[Step], opt) -> None:
         opt.step()
 
 
-def assert_params_close(actual: list[Tensor], expected: list[Tensor]) -> None:
+def assert_matches_reference(actual: list[Tensor], expected: list[Tensor]) -> None:
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, **MATCH)
 
@@ -495,8 +497,8 @@ CASES = {
 def test_optimizer_follows_the_reference(name, path):
     case = CASES[name]
     model, steps = make_model(case.loss), case.steps()
-    actual = train(model, case.loss, steps, case.options, **PATHS[path])
-    assert_params_close(actual, reference(model, case.loss, steps, case.options))
+    actual = run_optimizer(model, case.loss, steps, case.options, **PATHS[path])
+    assert_matches_reference(actual, reference(model, case.loss, steps, case.options))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -525,7 +527,7 @@ def test_accumulation_takes_n_from_the_whole_step():
         expected = reference(model, case.loss, steps, case.options)
         wrong = reference(model, case.loss, [s[-1:] for s in steps], case.options)
         assert largest_difference(expected, wrong) > CHANGED
-        assert_params_close(train(model, case.loss, steps, case.options), expected)
+        assert_matches_reference(run_optimizer(model, case.loss, steps, case.options), expected)
 
 
 def test_compiled_lehi_follows_the_reference():
@@ -536,8 +538,8 @@ def test_compiled_lehi_follows_the_reference():
     options = replace(options, scale_by_batch=True)
     model = make_model("cross_entropy")
     steps = make_steps("cross_entropy", [[8]] * 7)
-    actual = train(model, "cross_entropy", steps, options, compile=True)
-    assert_params_close(actual, lehi_reference(model, "cross_entropy", steps, options))
+    actual = run_optimizer(model, "cross_entropy", steps, options, compile=True)
+    assert_matches_reference(actual, lehi_reference(model, "cross_entropy", steps, options))
 
 
 # -------------------------------------------------------------------------- data parallel
@@ -587,12 +589,6 @@ def data_parallel_worker(rank: int, world_size: int, port: int, out: str) -> Non
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_data_parallel_ranks_follow_the_one_process_reference(tmp_path: Path):
     out = tmp_path / "rank0.pt"
@@ -601,7 +597,7 @@ def test_data_parallel_ranks_follow_the_one_process_reference(tmp_path: Path):
     for name in DATA_PARALLEL:
         case = CASES[name]
         model, steps = make_model(case.loss), case.steps()
-        assert_params_close(results[name], reference(model, case.loss, steps, case.options))
+        assert_matches_reference(results[name], reference(model, case.loss, steps, case.options))
 
 
 # ------------------------------------------------------------------- misuse is an error
@@ -658,8 +654,10 @@ def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path):
     opt.step()
     torch.testing.assert_close(extra.detach(), expected)
     o = Options(lr=0.1, eps=1e-3, estimator=estimator)
-    without = train(make_model("cross_entropy"), "cross_entropy", [[(x, y)]], o, **PATHS[path])
-    assert_params_close(list(model.parameters()), without)
+    without = run_optimizer(
+        make_model("cross_entropy"), "cross_entropy", [[(x, y)]], o, **PATHS[path]
+    )
+    assert_matches_reference(list(model.parameters()), without)
 
 
 def test_per_example_curvature_is_the_sum_of_per_example_squares():
@@ -739,8 +737,8 @@ def test_a_parameter_without_curvature_under_accumulation_and_several_draws(opti
     torch.testing.assert_close(extra.detach(), start - 0.1 * g / (g.abs() + 1e-3))
     plain = make_model("cross_entropy")
     o = Options(lr=0.1, eps=1e-3, **options)
-    expected = train(plain, "cross_entropy", [step], o)
-    assert_params_close(list(model.parameters()), expected)
+    expected = run_optimizer(plain, "cross_entropy", [step], o)
+    assert_matches_reference(list(model.parameters()), expected)
 
 
 def test_an_interrupted_accumulation_is_discarded_by_the_next_step():
@@ -761,7 +759,7 @@ def test_an_interrupted_accumulation_is_discarded_by_the_next_step():
     gen = torch.Generator().manual_seed(SEED)
     draw_v("cross_entropy", make_model("cross_entropy")(x0), y0, gen)  # the abandoned draw
     expected = lehi_reference(make_model("cross_entropy"), "cross_entropy", steps, o, gen)
-    assert_params_close(list(model.parameters()), expected)
+    assert_matches_reference(list(model.parameters()), expected)
 
 
 def fresh_lehi(params) -> LEHI:

@@ -17,6 +17,7 @@ from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 import lehi.data
+from lehi import roster
 from lehi.checkpoint import CheckpointError
 from lehi.optim import build_optimizer
 from lehi.record import METRIC_COLUMNS, RunRecord, find_runs
@@ -25,7 +26,7 @@ from lehi.runner import build_model, run
 from lehi.train import Trainer
 from lehi.trainer_config import TrainerConfig
 
-OPTIMIZERS = ["adam", "adamw", "lehi", "lehibrid", "sophia"]
+OPTIMIZERS = roster.names()
 
 
 def digits_overrides(tmp_path: Path, *extra: str) -> list[str]:

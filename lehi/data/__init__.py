@@ -13,12 +13,12 @@ bundle with ``.to(device)``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lehi.config import resolve_target
 from lehi.data.bundle import TASKS, Batches, BPTTBatches, DataBundle, TensorBatches, TokenWindows
 from lehi.data.files import DataFileError, DataUnavailableError
 
@@ -79,18 +79,6 @@ def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
-def _locate(target: Any) -> Any:
-    if not isinstance(target, str) or "." not in target:
-        raise ValueError(
-            f"dataset._target_ must name a builder such as lehi.data.ptb.build, got {target!r}"
-        )
-    module, _, attribute = target.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError):
-        raise ValueError(f"dataset._target_ {target!r} cannot be imported") from None
-
-
 def _binding_error(builder: Any, target: str, given: Mapping[str, Any]) -> ValueError:
     """The one-line error for options the builder does not take or lacks.
 
@@ -130,7 +118,7 @@ def build(options: Mapping[str, Any] | str, /, **overrides: Any) -> DataBundle:
     if "_target_" not in config:
         raise ValueError("dataset._target_ is missing; a dataset config names its builder there")
     target = config.pop("_target_")
-    builder = _locate(target)
+    builder = resolve_target(target, "dataset._target_")
     try:
         return builder(**config)
     except TypeError as exc:

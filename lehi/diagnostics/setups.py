@@ -2,7 +2,7 @@
 
 These are deliberately small variants (a few thousand parameters), chosen so that the exact
 Hessian diagonal, one forward-over-forward pass per parameter, stays within CPU seconds. They
-are not the paper's or the sweeps' models (see docs/EXPERIMENTS.md for those):
+are not the paper's or the sweeps' models (see docs/experiments.md for those):
 
     digits_mlp   digits (8×8, 10 classes)   MLP 64-64-64-10, ReLU          8,970 params, batch 64
     protein_mlp  protein (CASP regression)  MLP 9-64-64-1, tanh, MSE       4,865 params, batch 128
@@ -18,7 +18,7 @@ no BatchNorm because BatchNorm in training mode couples the examples of a batch,
 per-example Jacobians (and the independence of LEHI's v_n across examples) undefined.
 
 Learning rates: one per optimizer, in its stable range on these models, not tuned:
-Adam 1e-3, LEHI 3e-4 (LEHI is unstable at Adam's 1e-3, see METHOD.md), LEHIBrid 1e-3,
+Adam 1e-3, LEHI 3e-4 (LEHI is unstable at Adam's 1e-3, see docs/method.md), LEHIBrid 1e-3,
 Sophia 1e-3 with its published defaults otherwise (betas 0.965/0.99, ρ 0.04, weight decay 0.1,
 curvature every 10 steps). OPTIMIZER_SETTINGS holds only these overrides; every other
 hyper-parameter is the optimizer's YAML default (conf/optimizer/<name>.yaml).

@@ -10,7 +10,7 @@ logits (B, T, V) for language models. ``bundle`` is read only for ``input_shape`
     resnet18   resnet.py  width=64
     lstm       lstm.py    size="small" | "medium", hidden, num_layers, dropout, tied,
                           embed_dim=None, stateful=True, init_range=0.1
-    llama      llama.py   size="tiny" | "small" | "gpt2_124m", d_model, n_layers, n_heads,
+    llama      llama.py   size="gpt2_124m" | "small" | "tiny", d_model, n_layers, n_heads,
                           context_length, multiple_of=64, tied=True, norm_eps=1e-5,
                           rope_theta=10000.0
 """

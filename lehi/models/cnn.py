@@ -6,7 +6,7 @@
     global average pool → linear(128 → 10)
 
 Convolutions carry no bias (the BatchNorm shift replaces it). The second convolution in
-block 1 brings the count to the ~0.11M of EXPERIMENTS.md; for 3 input channels and 10
+block 1 brings the count to the ~0.11M of docs/experiments.md; for 3 input channels and 10
 classes the exact count is 104,042:
     convs 864 + 9,216 + 18,432 + 73,728 = 102,240; BN (γ, β) 64 + 64 + 128 + 256 = 512;
     linear 128·10 + 10 = 1,290.

@@ -173,7 +173,7 @@ class Llama(nn.Module):
 def build(
     input_shape: tuple[int, ...],
     num_outputs: int,
-    size: str = "small",
+    size: str = "gpt2_124m",
     d_model: int | None = None,
     n_layers: int | None = None,
     n_heads: int | None = None,

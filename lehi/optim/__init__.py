@@ -8,34 +8,38 @@ and ``adamw`` are torch.optim's own classes, not re-implementations. Every optim
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import inspect
-import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lehi.config import check_call, resolve_target
 from lehi.optim.base import CurvatureOptimizer
+from lehi.optim.common import RANGES, HyperparameterError, check_hyperparameters
 from lehi.optim.lehi import LEHI, LEHIBrid
 from lehi.optim.sophia import SophiaG
 
 __all__ = [
     "BUILDER_KEYS",
+    "CURVATURE_INPUTS",
     "LEHI",
     "CurvatureOptimizer",
     "LEHIBrid",
     "SophiaG",
     "backward",
     "build_optimizer",
+    "check_options",
     "param_groups",
 ]
 
 #: Config keys that describe the run or steer the builder; never constructor arguments.
 BUILDER_KEYS = ("_target_", "name", "label", "exclude_from_decay")
 #: What the builder passes to curvature-aware optimizers itself (from the data bundle, run).
-_CURVATURE_INPUTS = ("loss", "ignore_index", "seed")
+CURVATURE_INPUTS = ("loss", "ignore_index", "seed")
 
 
 def param_groups(
@@ -60,71 +64,41 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _accepted(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls(params, …)`` takes (None: any, it has **kwargs at the end)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters.values()
-        names.update(
-            p.name
-            for p in parameters
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-        )
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names - {"params"}
-    return None
-
-
 def _optimizer_class(target: Any) -> type[torch.optim.Optimizer]:
     """The class ``optimizer._target_`` names, or a one-line ValueError."""
-    if not isinstance(target, str):
-        raise ValueError(
-            f"optimizer._target_ must name an optimizer class (e.g. lehi.optim.LEHI), "
-            f"got {target!r}"
-        )
-    module_name, _, attribute = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(
-            f"optimizer._target_={target!r} cannot be imported: no {attribute!r} "
-            f"in module {module_name!r}"
-        ) from None
+    cls = resolve_target(target, "optimizer._target_")
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"optimizer._target_={target!r} is not a torch.optim.Optimizer")
     return cls
 
 
-def _check_keys(cls: type, target: str, options: Mapping[str, Any]) -> None:
-    """Every key must be a constructor argument of ``cls`` that the config may set."""
-    curvature = issubclass(cls, CurvatureOptimizer)
-    accepted = _accepted(cls)
-    for key in options:
-        if key in _CURVATURE_INPUTS and curvature:
-            raise ValueError(
-                f"optimizer.{key} is set by the run (dataset loss, ignore index, seed), "
-                f"not by the optimizer config"
-            )
-        if accepted is not None and key not in accepted:
-            raise ValueError(f"optimizer.{key} is not an option of {target}")
+def check_options(options: Mapping[str, Any]) -> None:
+    """The suite's ranges (:data:`lehi.optim.common.RANGES`) on the hyper-parameters an
+    optimizer config sets, whatever its class: torch's own classes admit lr = 0 or inf.
+    Raises a ValueError naming ``optimizer.<key>``."""
+    with _naming_keys(options):
+        check_hyperparameters(**{k: v for k, v in options.items() if k in RANGES})
 
 
-def _check_common(options: Mapping[str, Any]) -> None:
-    lr = options.get("lr")
-    if lr is not None and not (
-        isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
-    ):
-        raise ValueError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
-    betas = options.get("betas")
-    if betas is not None:
-        ok = isinstance(betas, (list, tuple)) and len(betas) == 2
-        if not (ok and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(
-                f"optimizer.betas must be two numbers in [0, 1) (β1, β2), got {betas!r}"
-            )
+@contextlib.contextmanager
+def _naming_keys(options: Mapping[str, Any]) -> Iterator[None]:
+    """A class's own ValueError about one of ``options``, as the config's ``optimizer.<key>``.
+
+    A range error keeps its argument (HyperparameterError) and reads like every config
+    range error; any other message that starts with an option's name (torch.optim's style:
+    ``rho must be > 0``, ``hybrid='min' is not one of …``) gets the ``optimizer.`` prefix.
+    """
+    try:
+        yield
+    except HyperparameterError as exc:
+        raise ValueError(
+            f"optimizer.{exc.argument}={exc.value!r} is out of range: expected {exc.allowed}"
+        ) from exc
+    except ValueError as exc:
+        message = str(exc)
+        if any(re.match(rf"{re.escape(key)}\b", message) for key in options):
+            raise ValueError(f"optimizer.{message}") from exc
+        raise
 
 
 def build_optimizer(
@@ -149,7 +123,8 @@ def build_optimizer(
 
     Raises:
         ValueError: one line naming ``optimizer.<key>``: an unknown class, a key the class
-            does not accept, or lr / betas outside their ranges.
+            does not accept or a value of the wrong type (:func:`lehi.config.check_call`, the
+            checks run.py's configs pass), or a value the class refuses.
     """
     options = dict(options)
     target = options.pop("_target_", None)
@@ -159,16 +134,16 @@ def build_optimizer(
         raise ValueError(f"optimizer.exclude_from_decay must be true or false, got {exclude!r}")
     for key in BUILDER_KEYS:
         options.pop(key, None)
-    curvature = issubclass(cls, CurvatureOptimizer)
-    _check_keys(cls, target, options)
-    _check_common(options)
+    check_call(cls, options, "optimizer", supplied=("params", *CURVATURE_INPUTS))
+    check_options(options)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    if curvature:
-        options.update(loss=loss, ignore_index=ignore_index, seed=seed)
     weight_decay = options.get("weight_decay", _default(cls, "weight_decay"))
     groups = param_groups(model, weight_decay or 0.0, exclude_from_decay=exclude)
-    return cls(groups, **options)
+    with _naming_keys(options):
+        if issubclass(cls, CurvatureOptimizer):
+            return cls(groups, **options, loss=loss, ignore_index=ignore_index, seed=seed)
+        return cls(groups, **options)
 
 
 def _default(cls: type, name: str) -> Any:

@@ -1,15 +1,24 @@
-"""Helpers every optimizer module of the package shares: argument checks, step counters."""
+"""Helpers every optimizer module of the package shares: argument checks, step counters.
+
+The ranges of the hyper-parameters every optimizer of the suite has (:data:`RANGES`) are
+stated here and nowhere else: the optimizer classes check their own arguments with
+:func:`check_hyperparameters`, and lehi.optim's config builder holds torch's own classes to
+the same ranges (theirs admit lr = 0 or inf) through the same function.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "COUNTERS",
+    "RANGES",
+    "HyperparameterError",
     "add_optional",
     "bias_corrections",
     "check_hyperparameters",
@@ -22,23 +31,46 @@ __all__ = [
 COUNTERS = ("step", "curvature_step")
 
 
-def check_hyperparameters(
-    *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, hessian_every: int
-) -> None:
-    """Raise a ValueError naming the first hyper-parameter outside its allowed range."""
-    if not (isinstance(lr, Tensor) or (math.isfinite(lr) and lr > 0.0)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must have exactly two entries (β1, β2), got {list(betas)}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not (isinstance(hessian_every, int) and hessian_every >= 1):
-        raise ValueError(f"hessian_every must be an integer >= 1, got {hessian_every!r}")
+class HyperparameterError(ValueError):
+    """A hyper-parameter outside its range: torch.optim's ValueError naming the argument,
+    which keeps the argument, value and allowed range so a config layer can say its key."""
+
+    def __init__(self, argument: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{argument} must be {allowed}, got {value!r}")
+        self.argument, self.value, self.allowed = argument, value, allowed
+
+
+def _finite_at_least(bound: float) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and v >= bound
+
+
+#: Hyper-parameter → (whether a value is allowed, what is allowed). A tensor lr is torch's
+#: (capturable CUDA steps); its value is not checked, as torch.optim does not.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (
+        lambda v: isinstance(v, Tensor) or (math.isfinite(v) and v > 0.0),
+        "a finite number > 0",
+    ),
+    "betas": (
+        lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+        "two numbers in [0, 1) (β1, β2)",
+    ),
+    "eps": (_finite_at_least(0.0), "a finite number >= 0"),
+    "weight_decay": (_finite_at_least(0.0), "a finite number >= 0"),
+    "hessian_every": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an integer >= 1",
+    ),
+}
+
+
+def check_hyperparameters(**values: Any) -> None:
+    """Raise a :class:`HyperparameterError` for the first of ``values`` (names of
+    :data:`RANGES`) outside its range."""
+    for argument, value in values.items():
+        allowed, allowed_text = RANGES[argument]
+        if not allowed(value):
+            raise HyperparameterError(argument, value, allowed_text)
 
 
 def increment(counters: list[Tensor]) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from lehi._torch_compat import default_to_foreach
 from lehi.optim.base import CurvatureOptimizer
 from lehi.optim.common import check_hyperparameters, increment
 from lehi.optim.lehi_update import compiled_lehi, multi_tensor_lehi, single_tensor_lehi
@@ -40,7 +40,7 @@ def check_readings(
 
 
 class LEHI(CurvatureOptimizer):
-    r"""Low-order Explicit Hessian Imitation (arXiv 2605.06945), as read in METHOD.md.
+    r"""Low-order Explicit Hessian Imitation (arXiv 2605.06945), as read in docs/method.md.
 
     .. math::
         \begin{aligned}
@@ -102,7 +102,7 @@ class LEHI(CurvatureOptimizer):
         loss: the loss whose Hessian is imitated: ``"cross_entropy"`` or ``"mse"``.
         hessian_every: refresh the curvature every k steps (steps 1, 1 + k, …); default 1;
             the same in every parameter group.
-        estimator: ``"sampled"`` (METHOD.md's v for the loss; default), ``"per_example"``
+        estimator: ``"sampled"`` (docs/method.md's v for the loss; default), ``"per_example"``
             (exact per-example mode, Σ_n (J_nᵀ v_n)² / N² via torch.func; small models only,
             needs ``backward(..., model=, inputs=)``), or ``"squared_gradient"`` (h = g⊙g,
             which makes LEHI exactly AdamW: the ablation's control; with scale_by_batch the
@@ -336,7 +336,7 @@ class LEHI(CurvatureOptimizer):
             return compiled_lehi
         foreach = group["foreach"]
         if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, False, False)
+            foreach = default_to_foreach(params)
         return multi_tensor_lehi if foreach else single_tensor_lehi
 
 

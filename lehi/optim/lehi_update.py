@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lehi._torch_compat import group_tensors_by_device_and_dtype
 from lehi.optim.common import bias_corrections, increment
 
 __all__ = ["compiled_lehi", "multi_tensor_lehi", "single_tensor_lehi"]
@@ -78,7 +79,7 @@ def multi_tensor_lehi(
     bias_correction: bool,
     update_clip: float | None,
 ) -> None:
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+    grouped = group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_curvatures, steps, curvature_steps]
     )
     for (dev_params, dev_grads, dev_m, dev_v, dev_steps, dev_curv_steps), _ in grouped.values():

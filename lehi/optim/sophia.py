@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from lehi._torch_compat import default_to_foreach, group_tensors_by_device_and_dtype
 from lehi.optim.base import CurvatureOptimizer
 from lehi.optim.common import check_hyperparameters, increment
 
@@ -143,7 +143,7 @@ class SophiaG(CurvatureOptimizer):
                 continue
             foreach = group["foreach"]
             if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(params, False, False)
+                foreach = default_to_foreach(params)
             update = _multi_tensor_sophiag if foreach else _single_tensor_sophiag
             update(
                 params,
@@ -195,9 +195,7 @@ def _multi_tensor_sophiag(
     lr: float,
     weight_decay: float,
 ) -> None:
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, hessians, steps]
-    )
+    grouped = group_tensors_by_device_and_dtype([params, grads, exp_avgs, hessians, steps])
     for (dev_params, dev_grads, dev_m, dev_h, dev_steps), _ in grouped.values():
         increment(dev_steps)
         torch._foreach_mul_(dev_params, 1 - lr * weight_decay)

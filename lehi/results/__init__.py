@@ -3,9 +3,9 @@
 Modules: :mod:`~lehi.results.store` reads runs and metrics through the run record
 (:mod:`lehi.record`); :mod:`~lehi.results.stats` and :mod:`~lehi.results.significance`
 compute every number a table or figure shows; :mod:`~lehi.results.tables` computes them once
-(:func:`collect`); :mod:`~lehi.results.report` renders Markdown; :mod:`~lehi.results.stepcost`
-owns step_cost.json; :mod:`~lehi.results.provenance` says which runs are current at HEAD and
-:mod:`~lehi.results.verify` replays a sample of them to find out;
+(:func:`collect`); :mod:`~lehi.results.report` renders Markdown (from :mod:`~lehi.results.markdown`'s
+blocks); :mod:`~lehi.results.stepcost` owns step_cost.json; :mod:`~lehi.results.provenance` says
+which runs are current at HEAD and :mod:`~lehi.results.verify` replays a sample of them to find out;
 :mod:`~lehi.results.cli` is ``python -m lehi.results``.
 
 Definitions used by every table and figure:
@@ -14,7 +14,7 @@ Definitions used by every table and figure:
   (baseline or candidate), colour and order come from the roster entry of its
   ``optimizer.name`` (:mod:`lehi.roster`).
 - **Final validation loss** of a run: ``summary.last3.val_loss_mean``, the mean validation loss
-  over its last 3 evaluations (docs/EXPERIMENTS.md, "Sweeps"); **last eval**: the validation
+  over its last 3 evaluations (docs/experiments.md, "Sweeps"); **last eval**: the validation
   loss of its last evaluation. **Final metric**: the metric of its last evaluation.
 - **Diverged run**: status ``"diverged"`` (the trainer's early stop: non-finite loss, or
   training loss held above ``divergence_factor`` × its initial loss; older summaries also
@@ -52,13 +52,12 @@ Definitions used by every table and figure:
 from __future__ import annotations
 
 from lehi.results.cli import main, parse_target
+from lehi.results.markdown import experiment_heading, scale_label
 from lehi.results.report import (
     METRIC_LABELS,
     NO_RESULTS_HINT,
-    experiment_heading,
     render_cost_markdown,
     render_markdown,
-    scale_label,
     write_summary,
 )
 from lehi.results.significance import compare, significance

@@ -31,8 +31,8 @@ import pandas as pd
 
 from lehi import roster
 from lehi.io import atomic_write_text
-from lehi.results.report import experiment_heading, fmt
-from lehi.results.report import table as markdown_table
+from lehi.results.markdown import experiment_heading, fmt
+from lehi.results.markdown import table as markdown_table
 from lehi.results.stats import counts, select_experiment
 from lehi.results.store import CELL_KEYS, EXP_KEYS
 from lehi.results.tables import Results

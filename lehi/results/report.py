@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lehi import roster
 from lehi.io import atomic_write_text
 from lehi.results import stats, stepcost
+from lehi.results.ablation import write_ablation
+from lehi.results.markdown import experiment_heading, fmt, label_of, pm, scale_label, table
 from lehi.results.stats import select_experiment
 from lehi.results.tables import Results, collect
 
@@ -22,43 +24,9 @@ NO_STEP_COST = (
 )
 
 
-def scale_label(scale: str) -> str:
-    """How a scale is shown in headings and titles; small runs say they are the CPU variant."""
-    return "small (CPU variant)" if scale == "small" else str(scale)
-
-
-def experiment_heading(experiment: str, scale: str, dataset: str, metric_name: str) -> str:
-    """Heading/title text of an experiment; names the scale so small runs are labelled."""
-    metric = f" · metric: {metric_name}" if metric_name else ""
-    return f"{experiment} — scale: {scale_label(scale)} · dataset: {dataset}{metric}"
-
-
 def no_step_cost(experiment: str) -> str:
     """The note shown instead of times when an experiment has no step_cost.json."""
     return NO_STEP_COST.format(hint=STEP_COST_HINT.format(experiment=experiment))
-
-
-def label_of(row: Mapping[str, Any], key: str = "optimizer") -> str:
-    """Display label of a table row's optimizer (its roster label unless relabelled)."""
-    return roster.display_label(row[key], row.get("optimizer_name"))
-
-
-def fmt(value: float, spec: str = ".4g") -> str:
-    """``value`` formatted, or an em dash for missing/non-finite values."""
-    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "—"
-
-
-def pm(mean: float, std: float, spec: str = ".4g") -> str:
-    """``mean ± std``; the std with 2 significant digits (it is only known that well)."""
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:{spec}} ± {std:.2g}" if math.isfinite(std) else f"{mean:{spec}}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _intro(results: Results) -> list[str]:
@@ -274,7 +242,4 @@ def write_summary(
     atomic_write_text(paths[0], results.best.to_csv(index=False))
     atomic_write_text(paths[1], results.significance.to_csv(index=False))
     atomic_write_text(paths[2], render_markdown(results))
-    # Imported here: the ablation module renders with this module's helpers.
-    from lehi.results.ablation import write_ablation
-
     return paths + write_ablation(root, results)
