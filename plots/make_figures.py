@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python plots/make_figures.py`: repo roo
 
 from collections.abc import Sequence
 
-from plots import ablation, common, cost, diagnostics, loss_curves, lr_sensitivity
+from plots import ablation, common, cost, diagnostics, loss_curves, lr_sensitivity, verdicts
 
 FIGURES: list[common.FigureFn] = [
     lr_sensitivity.make,
@@ -27,6 +27,7 @@ FIGURES: list[common.FigureFn] = [
     cost.make,
     diagnostics.make,
     ablation.make,
+    verdicts.make,
 ]
 
 

@@ -14,6 +14,7 @@ from lehi.results.ablation import write_ablation
 from lehi.results.markdown import experiment_heading, fmt, label_of, pm, scale_label, table
 from lehi.results.stats import select_experiment
 from lehi.results.tables import Results, collect
+from lehi.results.verdicts import write_verdicts
 
 METRIC_LABELS = {"accuracy": "accuracy", "rmse": "RMSE (Å)", "perplexity": "perplexity"}
 NO_RESULTS_HINT = "run `make sweep EXP=digits` first (any experiment works), then `make figures`"
@@ -228,7 +229,8 @@ def write_summary(
 ) -> list[Path]:
     """Write ``<root>/summary.csv`` (best-LR rows), ``<root>/significance.csv`` and
     ``<root>/summary.md``, each atomically, and with ablation experiments
-    ``<root>/ablation.{csv,md}`` (:mod:`lehi.results.ablation`); returns their paths.
+    ``<root>/ablation.{csv,md}`` (:mod:`lehi.results.ablation`), with confirmation runs
+    ``<root>/verdicts.{csv,md}`` (:mod:`lehi.results.verdicts`); returns their paths.
 
     Pass ``results`` (from :func:`collect`) to reuse tables already computed. Raises
     FileNotFoundError when there is no finished run under ``root``.
@@ -242,4 +244,4 @@ def write_summary(
     atomic_write_text(paths[0], results.best.to_csv(index=False))
     atomic_write_text(paths[1], results.significance.to_csv(index=False))
     atomic_write_text(paths[2], render_markdown(results))
-    return paths + write_ablation(root, results)
+    return paths + write_ablation(root, results) + write_verdicts(root, results)

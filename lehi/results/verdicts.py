@@ -1,0 +1,440 @@
+"""Verdicts with power, the tuning budget and performance profiles (results/verdicts.*).
+
+Tuning and measuring are separate here. A workload's tuning sweep (``<exp>``, seeds 0, 1 or
+0–2) chose each reading's LR; its confirmation runs (``confirm_<exp>``, lehi.results.confirm)
+repeat that LR on fresh seeds, and only they are judged:
+
+- **Verdict table**: per workload, each candidate (LEHI, LEHIBrid, ``lehi_update_clip``)
+  against each baseline (Adam, AdamW, Sophia) on the final validation loss (mean of the last
+  3 evaluations): the mean difference (candidate − baseline) with a 95 % bootstrap CI
+  (``scipy.stats.bootstrap``, BCa, 9,999 resamples, fixed seed); the probability of
+  improvement P(candidate < baseline) = U / (n·m) (``scipy.stats.mannwhitneyu``); Welch and
+  Mann–Whitney p-values, each Holm-corrected over every comparison of the table
+  (``statsmodels.stats.multitest.multipletests(method="holm")``); the smallest difference
+  the seeds could detect, 80 % power at α = 0.05 two-sided from the observed spread
+  (``statsmodels.stats.power.TTestIndPower``, effect size × pooled std); and one word: a
+  Holm-corrected Welch p < 0.05 makes it *better* or *worse* by the sign of the difference,
+  otherwise *no detectable difference*. A run that diverged enters the rank test as worse
+  than every finite loss and is left out of the means (its count is shown).
+- **Expected best loss against the tuning budget** (Dodge et al. 2019): the expected best
+  final validation loss after k LR trials drawn without replacement from the tuning grid,
+  with the unbiased estimator Σ_i v_(i)·C(N−i, k−1)/C(N, k) over the N per-LR losses sorted
+  ascending; an LR where a seed diverged scores that seed's initial validation loss (a failed
+  trial leaves you where you began). The point estimate uses the mean over tuning seeds per
+  LR; the 95 % band resamples one tuning seed per LR (bootstrap, 2,000 draws).
+- **Performance profiles** (AlgoPerf): per workload the time to target of each reading's
+  confirmation runs (median over seeds; a run that never reaches it counts as infinite) =
+  steps to target × its optimizer's per-step cost measured side by side (step_cost.json);
+  target = :data:`TARGET_FACTOR` × the confirmed Adam median final loss. The profile of a
+  reading is the fraction of workloads where its time is within τ × the best reading's; the
+  score is the area under it over τ ∈ [1, :data:`R_MAX`] divided by R_MAX − 1 (1 = best
+  everywhere). A steps-only profile is drawn beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from lehi import roster
+from lehi.results.confirm import CONFIRM_READINGS, confirm_name
+from lehi.results.markdown import table as markdown_table
+from lehi.results.tables import Results
+
+__all__ = [
+    "R_MAX",
+    "TARGET_FACTOR",
+    "expected_best",
+    "holm",
+    "profile_area",
+    "tuning_budget",
+    "verdict_table",
+]
+
+ALPHA = 0.05
+POWER = 0.8
+TARGET_FACTOR = 1.05
+R_MAX = 4.0
+CANDIDATES = ("lehi", "lehibrid", "lehi_update_clip")
+BASELINES = ("adam", "adamw", "sophia")
+BOOTSTRAP_SEED = 0
+
+
+# --------------------------------------------------------------------------- statistics
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-corrected p-values (statsmodels; NaN stays NaN and is not counted)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        out[finite] = multipletests(p[finite], alpha=ALPHA, method="holm")[1]
+    return out
+
+
+def detectable_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest |mean difference| a two-sided Welch-type test of these sample sizes
+    detects with 80 % power at α = 0.05, from their pooled standard deviation."""
+    from statsmodels.stats.power import TTestIndPower
+
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    dof = len(a) + len(b) - 2
+    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / dof)
+    effect = TTestIndPower().solve_power(
+        nobs1=len(a), ratio=len(b) / len(a), alpha=ALPHA, power=POWER, alternative="two-sided"
+    )
+    return float(effect * pooled)
+
+
+def _bootstrap_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return math.nan, math.nan
+    result = scipy_stats.bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+        n_resamples=9999,
+        confidence_level=0.95,
+        method="BCa",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def compare(candidate: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
+    """One verdict row's statistics; inf in either sample marks a diverged run."""
+    fin_c, fin_b = candidate[np.isfinite(candidate)], baseline[np.isfinite(baseline)]
+    low, high = _bootstrap_ci(fin_c, fin_b)
+    both = len(candidate) and len(baseline)
+    mwu = scipy_stats.mannwhitneyu(baseline, candidate, alternative="two-sided") if both else None
+    welch = (
+        scipy_stats.ttest_ind(fin_c, fin_b, equal_var=False)
+        if len(fin_c) > 1 and len(fin_b) > 1
+        else None
+    )
+    return {
+        "n": len(candidate),
+        "n_baseline": len(baseline),
+        "n_diverged": int((~np.isfinite(candidate)).sum()),
+        "n_diverged_baseline": int((~np.isfinite(baseline)).sum()),
+        "candidate_mean": float(fin_c.mean()) if len(fin_c) else math.nan,
+        "baseline_mean": float(fin_b.mean()) if len(fin_b) else math.nan,
+        "mean_diff": float(fin_c.mean() - fin_b.mean()) if len(fin_c) and len(fin_b) else math.nan,
+        "ci_low": low,
+        "ci_high": high,
+        # U of the baseline sample counts the pairs where the baseline's loss is higher.
+        "p_improvement": float(mwu.statistic) / (len(candidate) * len(baseline))
+        if mwu
+        else math.nan,
+        "welch_p": float(welch.pvalue) if welch is not None else math.nan,
+        "mwu_p": float(mwu.pvalue) if mwu else math.nan,
+        "detectable": detectable_difference(fin_c, fin_b),
+    }
+
+
+def _losses(runs: pd.DataFrame, experiment: str, label: str) -> np.ndarray:
+    rows = runs[(runs["experiment"] == experiment) & (runs["optimizer"] == label)]
+    rows = rows[rows["status"] != "failed"]
+    loss = rows["val_loss"].to_numpy(float)
+    return np.where(rows["diverged"].to_numpy(bool) | ~np.isfinite(loss), np.inf, loss)
+
+
+def workloads(results: Results) -> list[str]:
+    """Workloads with confirmation runs, in name order."""
+    names = sorted(set(results.runs["experiment"])) if not results.runs.empty else []
+    return [n.removeprefix("confirm_") for n in names if n.startswith("confirm_")]
+
+
+def verdict_table(results: Results) -> pd.DataFrame:
+    """One row per (workload, candidate, baseline) on the confirmation seeds."""
+    rows = []
+    for workload in workloads(results):
+        exp = confirm_name(workload)
+        for cand in CANDIDATES:
+            c = _losses(results.runs, exp, cand)
+            if not len(c):
+                continue
+            for base in BASELINES:
+                b = _losses(results.runs, exp, base)
+                if len(b):
+                    rows.append(
+                        {"workload": workload, "candidate": cand, "baseline": base, **compare(c, b)}
+                    )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["welch_p_holm"] = holm(table["welch_p"])
+    table["mwu_p_holm"] = holm(table["mwu_p"])
+    table["verdict"] = [
+        _word(p, d) for p, d in zip(table["welch_p_holm"], table["mean_diff"], strict=True)
+    ]
+    return table
+
+
+def _word(p_holm: float, diff: float) -> str:
+    if math.isfinite(p_holm) and p_holm < ALPHA and math.isfinite(diff):
+        return "better" if diff < 0 else "worse"
+    return "no detectable difference"
+
+
+# ------------------------------------------------------------------------ tuning budget
+def expected_best(values: Sequence[float], k: int) -> float:
+    """E[min of k values drawn without replacement from ``values``] (unbiased, exact)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    n = len(v)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of values ({n})")
+    weights = np.array([math.comb(n - i, k - 1) for i in range(1, n + 1)], dtype=float)
+    return float(np.dot(v, weights) / math.comb(n, k))
+
+
+def _trial_losses(runs: pd.DataFrame, experiment: str, label: str) -> pd.DataFrame:
+    """Per (lr, seed) of a tuning sweep: the loss a trial yields (initial loss if diverged)."""
+    rows = runs[(runs["experiment"] == experiment) & (runs["optimizer"] == label)]
+    rows = rows[rows["status"] != "failed"]
+    bad = rows["diverged"].to_numpy(bool) | ~np.isfinite(rows["val_loss"].to_numpy(float))
+    loss = np.where(bad, rows["initial_val_loss"].to_numpy(float), rows["val_loss"].to_numpy(float))
+    return pd.DataFrame({"lr": rows["lr"].to_numpy(float), "seed": rows["seed"], "loss": loss})
+
+
+def tuning_budget(results: Results, draws: int = 2000) -> pd.DataFrame:
+    """Expected best final loss after k LR trials, per tuning workload and reading.
+
+    Columns: workload, reading, k, expected_best, low, high (95 % bootstrap band).
+    """
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    rows = []
+    for workload in workloads(results):
+        for reading in CONFIRM_READINGS:
+            source = f"ablation_{workload}" if reading == "lehi_update_clip" else workload
+            trials = _trial_losses(results.runs, source, reading)
+            if trials.empty:
+                continue
+            by_lr = [g["loss"].to_numpy(float) for _, g in trials.groupby("lr", sort=True)]
+            means = [float(x.mean()) for x in by_lr]
+            n = len(by_lr)
+            samples = np.array([[x[rng.integers(len(x))] for x in by_lr] for _ in range(draws)])
+            for k in range(1, n + 1):
+                boot = [expected_best(s, k) for s in samples]
+                rows.append(
+                    {
+                        "workload": workload,
+                        "reading": reading,
+                        "tuning_experiment": source,
+                        "k": k,
+                        "n_lrs": n,
+                        "expected_best": expected_best(means, k),
+                        "low": float(np.percentile(boot, 2.5)),
+                        "high": float(np.percentile(boot, 97.5)),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ performance profiles
+def profile_area(ratios: Sequence[float], r_max: float = R_MAX) -> float:
+    """Area under a performance profile over τ ∈ [1, r_max], divided by r_max − 1.
+
+    ``ratios``: one optimizer's time / the best optimizer's time per workload (inf: failed).
+    ρ(τ) = fraction of workloads with ratio ≤ τ; exact for a step function.
+    """
+    r = np.asarray(ratios, dtype=float)
+    if not len(r):
+        return math.nan
+    clipped = np.clip(r, 1.0, r_max)  # ratios ≥ r_max (and failures) add nothing
+    return float(np.mean((r_max - clipped) / (r_max - 1.0)))
+
+
+def time_to_target(results: Results) -> pd.DataFrame:
+    """Per workload and reading: median steps and seconds to the confirmed target."""
+    runs, metrics = results.runs, results.metrics
+    rows = []
+    for workload in workloads(results):
+        exp = confirm_name(workload)
+        adam = _losses(runs, exp, "adam")
+        if not len(adam) or not np.isfinite(np.median(adam)):
+            continue
+        target = TARGET_FACTOR * float(np.median(adam))
+        cost = _step_seconds(results, workload)
+        val = metrics[(metrics["experiment"] == exp) & (metrics["split"] == "val")]
+        for reading in CONFIRM_READINGS:
+            mine = runs[(runs["experiment"] == exp) & (runs["optimizer"] == reading)]
+            if mine.empty:
+                continue
+            steps = []
+            for run, diverged in zip(mine["run"], mine["diverged"], strict=True):
+                hit = val[(val["run"] == run) & (val["loss"] <= target)]
+                steps.append(math.inf if diverged or hit.empty else float(hit["step"].min()))
+            median_steps = float(np.median(steps))
+            name = str(mine["optimizer_name"].iloc[0])
+            seconds = median_steps * cost.get(name, math.nan)
+            rows.append(
+                {
+                    "workload": workload,
+                    "reading": reading,
+                    "target": target,
+                    "n_seeds": len(steps),
+                    "n_reached": int(np.isfinite(steps).sum()),
+                    "steps_to_target": median_steps,
+                    "seconds_to_target": seconds,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _step_seconds(results: Results, workload: str) -> dict[str, float]:
+    """Median seconds per step of each optimizer name, measured side by side (step_cost)."""
+    cost = results.step_cost
+    rows = cost[cost["experiment"] == workload]
+    return {str(r["optimizer"]): float(r["ms_per_step"]) / 1000 for r in rows.to_dict("records")}
+
+
+def profiles(times: pd.DataFrame) -> pd.DataFrame:
+    """Per reading: its ratio to the best per workload (time and steps) and the scores."""
+    rows = []
+    for column in ("seconds_to_target", "steps_to_target"):
+        table = times.pivot(index="workload", columns="reading", values=column)
+        best = table.min(axis=1)
+        ratios = table.div(best, axis=0).where(np.isfinite(table), np.inf)
+        for reading in ratios.columns:
+            r = ratios[reading].to_numpy(float)
+            rows.append(
+                {
+                    "measure": "time" if column.startswith("seconds") else "steps",
+                    "reading": reading,
+                    "score": profile_area(r),
+                    "ratios": dict(zip(ratios.index, r, strict=True)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- markdown
+def _fmt(x: float, spec: str = ".3g") -> str:
+    return "—" if not isinstance(x, float | int) or not math.isfinite(x) else format(x, spec)
+
+
+def render_markdown(results: Results) -> str:
+    """results/verdicts.md: the verdict table, the tuning budget at k = 1 and 3, profiles."""
+    verdicts = verdict_table(results)
+    lines = [
+        "# Verdicts on confirmation seeds",
+        "",
+        "Each reading ran at the LR its tuning seeds chose (experiments/confirm_*.yaml), on "
+        "fresh seeds that chose nothing. Final val loss = mean of the last 3 evaluations. Δ = "
+        "candidate − baseline (negative: the candidate is lower), 95 % BCa bootstrap CI; "
+        "P(better) = P(candidate's loss < baseline's) = U/(n·m); p-values Holm-corrected over "
+        "all rows of this table (statsmodels); detectable = smallest |Δ| these seeds detect "
+        "with 80 % power at α = 0.05. Verdict from the Holm-corrected Welch p. Diverged "
+        "confirmation runs count as worse than every finite loss in the rank test and are left "
+        "out of the means.",
+        "",
+    ]
+    header = [
+        "workload",
+        "candidate",
+        "baseline",
+        "n (diverged)",
+        "candidate mean",
+        "baseline mean",
+        "Δ [95 % CI]",
+        "P(better)",
+        "Welch p (Holm)",
+        "MW p (Holm)",
+        "detectable |Δ|",
+        "verdict",
+    ]
+    body = []
+    for r in verdicts.to_dict("records"):
+        body.append(
+            [
+                r["workload"],
+                roster.display_label(r["candidate"], _name(r["candidate"])),
+                roster.display_label(r["baseline"], r["baseline"]),
+                f"{r['n']} ({r['n_diverged']}) vs {r['n_baseline']} ({r['n_diverged_baseline']})",
+                _fmt(r["candidate_mean"], ".4g"),
+                _fmt(r["baseline_mean"], ".4g"),
+                f"{_fmt(r['mean_diff'], '+.3g')} [{_fmt(r['ci_low'], '+.3g')}, "
+                f"{_fmt(r['ci_high'], '+.3g')}]",
+                _fmt(r["p_improvement"], ".2f"),
+                _fmt(r["welch_p_holm"], ".2g"),
+                _fmt(r["mwu_p_holm"], ".2g"),
+                _fmt(r["detectable"], ".2g"),
+                r["verdict"],
+            ]
+        )
+    lines += markdown_table(header, body) if body else ["No confirmation runs yet."]
+    budget = tuning_budget(results)
+    if not budget.empty:
+        lines += [
+            "",
+            "## Expected best final val loss after k LR trials (tuning seeds)",
+            "",
+            "Unbiased without-replacement estimator over the tuning grid (Dodge et al. 2019); "
+            "a diverged trial scores its initial val loss; [95 % band: one tuning seed "
+            "resampled per LR].",
+            "",
+        ]
+        rows = []
+        for (workload, reading), g in budget.groupby(["workload", "reading"], sort=False):
+            at = g.set_index("k")
+            cells = [
+                f"{_fmt(at.loc[k, 'expected_best'], '.4g')} [{_fmt(at.loc[k, 'low'], '.3g')}, "
+                f"{_fmt(at.loc[k, 'high'], '.3g')}]"
+                if k in at.index
+                else "—"
+                for k in (1, 3)
+            ]
+            rows.append([workload, reading, str(int(g["n_lrs"].iloc[0])), *cells])
+        lines += markdown_table(["workload", "reading", "LRs", "k = 1", "k = 3"], rows)
+    times = time_to_target(results)
+    if not times.empty:
+        scores = profiles(times)
+        lines += [
+            "",
+            "## Performance profiles over the confirmed workloads",
+            "",
+            f"Target = {TARGET_FACTOR} × the confirmed Adam median final val loss; time = median "
+            "steps to target over confirmation seeds × the optimizer's per-step cost measured "
+            "side by side (step_cost.json; lehi_update_clip uses LEHI's: the same passes plus "
+            "a clamp); a reading whose median run never reaches the target is infinite. Score "
+            f"= area under the profile over τ ∈ [1, {R_MAX:g}] / {R_MAX - 1:g}.",
+            "",
+        ]
+        score_rows = []
+        for reading, g in scores.groupby("reading", sort=False):
+            by = g.set_index("measure")["score"]
+            score_rows.append(
+                [
+                    reading,
+                    _fmt(by.get("time", math.nan), ".2f"),
+                    _fmt(by.get("steps", math.nan), ".2f"),
+                ]
+            )
+        lines += markdown_table(["reading", "score (time)", "score (steps)"], score_rows)
+    return "\n".join(lines) + "\n"
+
+
+def _name(label: str) -> str:
+    return "lehi" if label.startswith("lehi_") else label
+
+
+def write_verdicts(root: str | Path, results: Results) -> list[Path]:
+    """results/verdicts.{csv,md} when confirmation runs exist; the paths written."""
+    from lehi.io import atomic_write_text
+
+    table = verdict_table(results)
+    if table.empty:
+        return []
+    root = Path(root)
+    csv_path, md_path = root / "verdicts.csv", root / "verdicts.md"
+    atomic_write_text(csv_path, table.to_csv(index=False))
+    atomic_write_text(md_path, render_markdown(results))
+    return [csv_path, md_path]
