@@ -67,12 +67,14 @@ METRIC_COLUMNS = (
 #: recorded in env.json, and on CPU it can change float summation order in the last bits
 #: only (reruns agree to far better than the 1 % the reproducibility checks allow).
 #: ``trainer.device`` is where the run happened (env.json), the precision it used is part
-#: of the identity. ``optimizer.label`` is a display name (it is in the folder path).
+#: of the identity. ``optimizer.label`` is a display name (it is in the folder path);
+#: ``optimizer.warn_update_above`` only decides whether LEHI warns about a large first step.
 NON_IDENTITY = (
     "paths",
     "logger",
     "dataset.data_dir",
     "optimizer.label",
+    "optimizer.warn_update_above",
     "trainer.device",
     "trainer.threads",
     "trainer.resume",

@@ -44,7 +44,7 @@ def test_a_confirmation_run_is_its_tuning_run_but_for_name_seed_and_provenance(p
 
 
 def test_tuned_lrs_take_the_best_lr_without_divergence_from_the_tuning_seeds(tmp_path: Path):
-    from test_results import write_run
+    from helpers.results import write_run
 
     from lehi.results import collect
 

@@ -50,3 +50,30 @@ def test_compare_counts_a_diverged_run_as_the_worst_and_reports_power():
     # Power: with n = 4 and 5 and this spread, the detectable difference is a few pooled sds.
     pooled = math.sqrt((3 * np.var(cand[:4], ddof=1) + 4 * np.var(base, ddof=1)) / 7)
     assert 1.5 * pooled < row["detectable"] < 3 * pooled
+
+
+def test_verdicts_and_figures_from_hand_made_tuning_and_confirmation_runs(tmp_path):
+    from helpers.results import write_run
+
+    from lehi.results import collect
+    from plots import verdicts as P
+
+    root = tmp_path / "results"
+    for seed in (0, 1):  # tuning: the best LR is 1e-2 for both
+        for name in ("adam", "lehi"):
+            write_run(root, name, 1e-3, seed, 0.5, experiment="toy")
+            write_run(root, name, 1e-2, seed, 0.3, experiment="toy")
+    for seed in range(2, 10):  # confirmation: LEHI clearly lower on every fresh seed
+        write_run(root, "adam", 1e-2, seed, 0.30 + seed / 1000, experiment="confirm_toy")
+        write_run(root, "lehi", 1e-2, seed, 0.20 + seed / 1000, experiment="confirm_toy")
+    results = collect(root)
+    table = V.verdict_table(results)
+    row = table.set_index(["candidate", "baseline"]).loc[("lehi", "adam")]
+    assert row["verdict"] == "better" and row["p_improvement"] == 1.0 and row["n"] == 8
+    budget = V.tuning_budget(results, draws=50)
+    adam = budget[budget["reading"] == "adam"].set_index("k")
+    assert adam.loc[2, "expected_best"] < adam.loc[1, "expected_best"]
+    paths = P.make(results, tmp_path / "figures")
+    names = {p.name for p in paths}
+    assert {"tuning_budget_toy.png", "performance_profile.png"} <= names
+    assert "| toy | LEHI | Adam |" in V.render_markdown(results)

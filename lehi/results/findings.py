@@ -84,8 +84,13 @@ def _workload_rows(results: Results, exp: Mapping[str, str]) -> list[list[str]]:
     return rows
 
 
+def _tuning(experiment: str) -> bool:
+    """A tuning sweep (the ablation and the confirmations have blocks of their own)."""
+    return not is_ablation(experiment) and not experiment.startswith("confirm_")
+
+
 def _workloads(results: Results) -> list[str]:
-    experiments = [e for e in results.experiments() if not is_ablation(e["experiment"])]
+    experiments = [e for e in results.experiments() if _tuning(e["experiment"])]
     if not experiments:
         return []
     header = [
@@ -99,9 +104,10 @@ def _workloads(results: Results) -> list[str]:
     ]
     rows = [row for exp in experiments for row in _workload_rows(results, exp)]
     return [
-        "Per workload, each optimizer at its best learning rate (the lowest mean final "
-        "validation loss, the mean of the last 3 evaluations, among LRs where no seed "
-        "diverged); diverged counts over its whole LR grid:",
+        "Tuning sweeps: per workload, each optimizer at its best learning rate (the lowest "
+        "mean final validation loss, the mean of the last 3 evaluations, among LRs where no "
+        "seed diverged); diverged counts over its whole LR grid. These seeds chose the LRs, "
+        "so their p-values are not verdicts (the confirmation block below is):",
         "",
         *table(header, rows),
     ]
@@ -114,12 +120,14 @@ def _ablation(results: Results) -> list[str]:
     experiments = list(dict.fromkeys(ablation["experiment"]))
     cells: dict[str, dict[str, str]] = {}
     for r in ablation.to_dict("records"):
-        cell = f"{r['n_stable_lrs']}/{r['n_lrs']} · {fmt(r['best_val_loss'], '.4f')}"
+        lrs = f"{r['n_stable_lrs']}/{r['n_trained_lrs']}/{r['n_lrs']}"
+        cell = f"{lrs} · {fmt(r['best_val_loss'], '.4f')}"
         cells.setdefault(label_of(r), {})[r["experiment"]] = f"{cell} (lr {lr_text(r['best_lr'])})"
     rows = [[label, *(by_exp.get(e, "—") for e in experiments)] for label, by_exp in cells.items()]
     return [
-        "The ablation: per reading, learning rates at which no seed diverged, and the best "
-        "final validation loss (mean over seeds) at the best of them:",
+        "The ablation: per reading, learning rates at which no seed diverged / at which every "
+        "seed also trained (ended ≥ 10 % below its initial val loss) / in the grid, and the "
+        "best final validation loss (mean over seeds) at the best LR without divergence:",
         "",
         *table(["reading", *experiments], rows),
     ]
@@ -147,7 +155,7 @@ def _cost_row(exp: str, r: Mapping[str, Any], adam: Mapping[str, Any]) -> list[s
 def _cost(results: Results) -> list[str]:
     rows = []
     for exp in results.experiments():
-        if is_ablation(exp["experiment"]) or not results.measured_on(exp["experiment"]):
+        if not _tuning(exp["experiment"]) or not results.measured_on(exp["experiment"]):
             continue
         best = select_experiment(results.best, exp)
         by_label = {r["optimizer"]: r for r in best.to_dict("records")}
@@ -177,9 +185,53 @@ def _cost(results: Results) -> list[str]:
     ]
 
 
+def _verdicts(results: Results) -> list[str]:
+    from lehi.results.verdicts import verdict_table
+
+    verdicts = verdict_table(results)
+    if verdicts.empty:
+        return []
+    rows = []
+    for r in verdicts.to_dict("records"):
+        ci = f"{fmt(r['ci_low'], '+.2g')}, {fmt(r['ci_high'], '+.2g')}"
+        rows.append(
+            [
+                r["workload"],
+                roster.display_label(r["candidate"], r["candidate"].split("_")[0]),
+                roster.display_label(r["baseline"], r["baseline"]),
+                f"{fmt(r['mean_diff'], '+.2g')} [{ci}]",
+                fmt(r["p_improvement"], ".2f"),
+                fmt(r["welch_p_holm"], ".2g"),
+                fmt(r["detectable"], ".2g"),
+                f"{r['n_diverged']}/{r['n']}",
+                f"**{r['verdict']}**",
+            ]
+        )
+    header = [
+        "workload",
+        "candidate",
+        "vs",
+        "Δ final val loss [95 % CI]",
+        "P(better)",
+        "Welch p (Holm)",
+        "detectable |Δ|",
+        "candidate diverged",
+        "verdict",
+    ]
+    return [
+        "Verdicts on the confirmation seeds (each reading at its tuned LR on fresh seeds; "
+        "`results/verdicts.md` has every column): Δ = candidate − baseline, negative = lower "
+        "loss; p Holm-corrected over the whole table; detectable = the smallest |Δ| these "
+        "seeds detect with 80 % power at α = 0.05:",
+        "",
+        *table(header, rows),
+    ]
+
+
 def render_findings(results: Results) -> str:
     """The findings block (markers included) for ``results``."""
-    sections = [s for s in (_workloads(results), _ablation(results), _cost(results)) if s]
+    parts = (_verdicts(results), _workloads(results), _ablation(results), _cost(results))
+    sections = [s for s in parts if s]
     body = [line for section in sections for line in (*section, "")]
     return "\n".join([BEGIN, _NOTE, "", *body, END])
 
