@@ -19,7 +19,15 @@ if str(REPO) not in sys.path:  # `plots` is a folder of scripts at the repo root
 from lehi import results as R  # noqa: E402
 from lehi.results import Results, collect, stepcost  # noqa: E402
 from lehi.roster import color as roster_color  # noqa: E402
-from plots import ablation, cost, diagnostics, loss_curves, lr_sensitivity, make_figures  # noqa: E402
+from plots import (  # noqa: E402
+    ablation,
+    cost,
+    diagnostics,
+    loss_curves,
+    lr_sensitivity,
+    make_figures,
+    verdicts,
+)
 from plots.style import UNSTABLE_LABEL, label  # noqa: E402
 
 EVAL_STEPS = np.array([10, 20, 30, 40, 50])
@@ -318,6 +326,7 @@ def test_figure_list() -> None:
         cost.make,
         diagnostics.make,
         ablation.make,
+        verdicts.make,
     ]
 
 

@@ -13,9 +13,11 @@ repeat that LR on fresh seeds, and only they are judged:
   (``statsmodels.stats.multitest.multipletests(method="holm")``); the smallest difference
   the seeds could detect, 80 % power at α = 0.05 two-sided from the observed spread
   (``statsmodels.stats.power.TTestIndPower``, effect size × pooled std); and one word: a
-  Holm-corrected Welch p < 0.05 makes it *better* or *worse* by the sign of the difference,
-  otherwise *no detectable difference*. A run that diverged enters the rank test as worse
-  than every finite loss and is left out of the means (its count is shown).
+  Holm-corrected Mann–Whitney p < 0.05 makes it *better* or *worse* by which side
+  P(improvement) falls, otherwise *no detectable difference*. The rank test decides because
+  it is the one that sees divergence: a run that diverged enters it as worse than every finite
+  loss, while Welch's test and the means can only leave it out (its count is shown); Welch's
+  p is reported beside it.
 - **Expected best loss against the tuning budget** (Dodge et al. 2019): the expected best
   final validation loss after k LR trials drawn without replacement from the tuning grid,
   with the unbiased estimator Σ_i v_(i)·C(N−i, k−1)/C(N, k) over the N per-LR losses sorted
@@ -173,14 +175,14 @@ def verdict_table(results: Results) -> pd.DataFrame:
     table["welch_p_holm"] = holm(table["welch_p"])
     table["mwu_p_holm"] = holm(table["mwu_p"])
     table["verdict"] = [
-        _word(p, d) for p, d in zip(table["welch_p_holm"], table["mean_diff"], strict=True)
+        _word(p, q) for p, q in zip(table["mwu_p_holm"], table["p_improvement"], strict=True)
     ]
     return table
 
 
-def _word(p_holm: float, diff: float) -> str:
-    if math.isfinite(p_holm) and p_holm < ALPHA and math.isfinite(diff):
-        return "better" if diff < 0 else "worse"
+def _word(p_holm: float, p_improvement: float) -> str:
+    if math.isfinite(p_holm) and p_holm < ALPHA and p_improvement != 0.5:
+        return "better" if p_improvement > 0.5 else "worse"
     return "no detectable difference"
 
 
@@ -332,9 +334,9 @@ def render_markdown(results: Results) -> str:
         "candidate − baseline (negative: the candidate is lower), 95 % BCa bootstrap CI; "
         "P(better) = P(candidate's loss < baseline's) = U/(n·m); p-values Holm-corrected over "
         "all rows of this table (statsmodels); detectable = smallest |Δ| these seeds detect "
-        "with 80 % power at α = 0.05. Verdict from the Holm-corrected Welch p. Diverged "
-        "confirmation runs count as worse than every finite loss in the rank test and are left "
-        "out of the means.",
+        "with 80 % power at α = 0.05. Verdict from the Holm-corrected Mann–Whitney p, the test "
+        "that counts a diverged confirmation run as worse than every finite loss (the means and "
+        "Welch's test leave such runs out).",
         "",
     ]
     header = [

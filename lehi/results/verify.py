@@ -397,9 +397,11 @@ def replay(
 
 # ----------------------------------------------------------------- the chaos horizon
 #: The other kernels of the rounding replay: torch's baseline CPU code instead of its
-#: AVX2/AVX512 kernels, and MKL's compatible code path; its rows differ from the plain
-#: replay's only by the rounding of the same float operations, as another CPU's would.
+#: AVX2/AVX512 kernels, MKL's compatible code path, and :data:`ROUNDING_THREADS` threads (which
+#: split the matrix products' sums differently); its rows differ from the plain replay's only
+#: by the rounding of the same float operations, as another CPU's would.
 ROUNDING_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+ROUNDING_THREADS = 2
 
 
 def _rounding_worker() -> None:
@@ -421,6 +423,7 @@ def _rounding_task(task: dict[str, Any]) -> str | None:
         config, _ = _replay_config(
             task["path"], task["experiment"], task["data_dir"], task["scratch"], task["mode"]
         )
+        config["trainer"]["threads"] = ROUNDING_THREADS  # not part of the identity
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"\w+: the step-\d+ update of")
             train(config)
