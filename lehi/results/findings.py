@@ -107,7 +107,7 @@ def _workloads(results: Results) -> list[str]:
         "Tuning sweeps: per workload, each optimizer at its best learning rate (the lowest "
         "mean final validation loss, the mean of the last 3 evaluations, among LRs where no "
         "seed diverged); diverged counts over its whole LR grid. These seeds chose the LRs, "
-        "so their p-values are not verdicts (the confirmation block below is):",
+        "so their p-values are not verdicts (the confirmation block above is):",
         "",
         *table(header, rows),
     ]
