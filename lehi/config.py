@@ -86,6 +86,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.max_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "trainer.eval_every": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "trainer.evaluations": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "trainer.eval_subset_batches": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.grad_accum": (lambda v: v >= 1, "an integer >= 1"),
     "dataset.batch_size": (lambda v: v >= 1, "an integer >= 1"),

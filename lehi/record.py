@@ -85,6 +85,14 @@ NON_IDENTITY = (
     "trainer.stop_after_evaluations",
 )
 
+#: Keys added after runs were committed, each with the value at which the run computes what
+#: the code computed before the key existed. At that value the key is left out of the
+#: identity, so adding an option re-keys (and expires) no committed run; any other value is
+#: part of the identity like every other key.
+NEUTRAL_VALUES: dict[str, Any] = {
+    "trainer.eval_subset_batches": None,
+}
+
 
 class RunBusyError(RuntimeError):
     """Another process holds the run folder's lock."""
@@ -101,16 +109,27 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _parent(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:
+    """The dict holding the dotted key's leaf in ``tree`` (None when there is none), and the leaf."""
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config minus :data:`NON_IDENTITY`: what decides the run's numbers."""
+    """The resolved config minus :data:`NON_IDENTITY` and the keys at their
+    :data:`NEUTRAL_VALUES`: what decides the run's numbers."""
     kept: dict[str, Any] = json.loads(json.dumps(dict(config), default=str))
     for dotted in NON_IDENTITY:
-        *parents, leaf = dotted.split(".")
-        node: Any = kept
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _parent(kept, dotted)
+        if node is not None:
             node.pop(leaf, None)
+    for dotted, neutral in NEUTRAL_VALUES.items():
+        node, leaf = _parent(kept, dotted)
+        if node is not None and leaf in node and node[leaf] == neutral:
+            del node[leaf]
     return kept
 
 

@@ -6,7 +6,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["validation_summary"]
+__all__ = ["LAST_WINDOW", "validation_summary"]
+
+#: The evaluations the figures average: the paper's "last-3 average validation loss".
+LAST_WINDOW = 3
 
 
 def validation_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -14,13 +17,14 @@ def validation_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     The final validation loss of the paper's figures is ``last3.val_loss_mean``: the mean over
     the last 3 evaluations, with their sample std; ``final`` is the last evaluation itself.
+    Only full-split rows ("val") count; "val_subset" rows are the curve's intermediate points.
     """
     val = [r for r in rows if r["split"] == "val"]
     train = [r for r in rows if r["split"] == "train"]
     final = val[-1] if val else None
     finite = [r for r in val if math.isfinite(r["loss"])]
     best = min(finite, key=lambda r: r["loss"]) if finite else None
-    last3 = [r["loss"] for r in val[-3:]]
+    last3 = [r["loss"] for r in val[-LAST_WINDOW:]]
     mean3 = sum(last3) / len(last3) if last3 else math.nan
     std3 = (
         math.sqrt(sum((v - mean3) ** 2 for v in last3) / (len(last3) - 1))

@@ -37,7 +37,7 @@ from lehi.models.stateful import StatefulModel
 from lehi.optim import backward
 from lehi.progress import LossWindow, progress_bar
 from lehi.record import RunRecord
-from lehi.summary import validation_summary
+from lehi.summary import LAST_WINDOW, validation_summary
 from lehi.trainer_config import TrainerConfig, evaluation_steps, lr_lambda
 
 __all__ = ["Trainer", "TrainerConfig", "lr_lambda"]
@@ -98,6 +98,13 @@ class Trainer:
             )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.eval_steps = evaluation_steps(self.total_steps, self.steps_per_epoch, config)
+        # The evaluations on the whole validation split: all of them, or, with a subset for
+        # the intermediate points, step 0 (the initial loss) and the figures' last window.
+        self.full_eval_steps = (
+            frozenset([0, *self.eval_steps])
+            if config.eval_subset_batches is None
+            else frozenset([0, *sorted(self.eval_steps)[-LAST_WINDOW:]])
+        )
         # Always a LambdaLR (its state is checkpointed); stepped only when the LR can change.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -247,14 +254,18 @@ class Trainer:
         return metric_value(self.bundle.metric, mean_loss, correct, terms, self.bundle.target_std)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Mean validation loss over all loss terms, and the metric."""
+    def evaluate(self, batches: int | None = None) -> tuple[float, float]:
+        """Mean validation loss over all loss terms, and the metric: over the whole split, or
+        over its first ``batches`` batches (the same ones at every evaluation)."""
         was_training = self.model.training
         self.model.eval()
+        if isinstance(self.state_model, StatefulModel):
+            # Every evaluation reads the split from its start, not from where the last one ended.
+            self.state_model.reset_state(training=False)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         terms = 0
-        for x, y in self.bundle.val.iter_epoch(0, self.seed):
+        for x, y in itertools.islice(self.bundle.val.iter_epoch(0, self.seed), batches):
             with self.autocast:
                 outputs = self.model(x)
             n = self.rule.num_terms(outputs, y, self.bundle.ignore_index)
@@ -307,9 +318,14 @@ class Trainer:
         return row
 
     def _validate(self) -> str | None:
-        """Evaluate, log the row; the divergence reason if the interval diverged."""
-        loss, metric = self.evaluate()
-        self._row("val", loss, metric)
+        """Evaluate (the whole split or the subset), log the row; the divergence reason if the
+        interval diverged."""
+        if self.step in self.full_eval_steps:
+            loss, metric = self.evaluate()
+            self._row("val", loss, metric)
+        else:
+            loss, metric = self.evaluate(self.config.eval_subset_batches)
+            self._row("val_subset", loss, metric)
         return self.monitor.evaluation(loss)
 
     def _log_window(self) -> str | None:
@@ -388,7 +404,7 @@ class Trainer:
         """Stop once ``stop_after_evaluations`` evaluations past step 0 are logged (a replay of
         the run's prefix); the rows so far are those of the whole run."""
         wanted = self.config.stop_after_evaluations
-        done = sum(1 for r in self.rows if r["split"] == "val" and r["step"] > 0)
+        done = sum(1 for r in self.rows if r["split"] in ("val", "val_subset") and r["step"] > 0)
         if wanted is not None and done >= wanted and self.step < self.total_steps:
             self.stop_requested = True
 

@@ -37,6 +37,8 @@ class TrainerConfig:
     force: bool
     progress: bool | Literal["auto"]
     keep_checkpoint: bool
+    # Defaults only for keys that a config recorded before they existed may lack (lehi.rerun).
+    eval_subset_batches: int | None = None
     stop_after_evaluations: int | None = None
 
     @classmethod

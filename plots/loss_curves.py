@@ -1,7 +1,8 @@
 """Train and validation loss vs step and vs training time at each optimizer's best LR.
 
 One figure per experiment, 2 × 2 panels: rows train / validation loss, columns step /
-training time. Curves are the mean over the counted seeds (lehi.results.stats.counts),
+training time. Where the intermediate evaluations ran on a fixed validation subset
+(trainer.eval_subset_batches), those points are dashed and the full-split ones dotted. Curves are the mean over the counted seeds (lehi.results.stats.counts),
 shaded ±1 std over seeds, aligned on the step (only steps every seed logged). On the log axis
 a band that would reach zero is cut at half the mean. Train rows are running means over the
 logging interval. Training time = step × the optimizer's per-step cost measured side by side
@@ -41,6 +42,9 @@ from plots.style import (
 )
 
 SPLITS = (("train", "training loss"), ("val", "validation loss"))
+#: Intermediate evaluations on a fixed validation subset (trainer.eval_subset_batches): drawn
+#: dashed on the validation panel, never averaged with the full-split points.
+SUBSET = "val_subset"
 
 
 def _curve_label(row: dict) -> str:
@@ -61,17 +65,24 @@ def _draw(axes, row: dict, results: Results, drawn: list[bool]) -> None:
         mean = curve["loss_mean"].to_numpy(float)
         lower = np.where(mean - std > 0, mean - std, mean / 2)
         step = curve["step"].to_numpy(float)
+        subset = cell_curve(results.runs, results.metrics, row, SUBSET) if split == "val" else None
         for j, x in enumerate((step, step * seconds)):
             if not np.isfinite(x).all():
                 continue  # no side-by-side cost for this optimizer: no time curve
             ax = axes[i, j]
-            ax.plot(x, mean, color=color(row["optimizer_name"]), label=_curve_label(row))
+            ax.plot(x, mean, color=color(row["optimizer_name"]), label=_curve_label(row),
+                    marker="o" if subset is not None and not subset.empty else None, ms=3)  # fmt: skip
             ax.fill_between(
                 x, lower, mean + std, color=color(row["optimizer_name"]), alpha=0.18, linewidth=0
             )
+            if subset is not None and not subset.empty:
+                sx = subset["step"].to_numpy(float) * (1.0 if j == 0 else seconds)
+                ax.plot(sx, subset["loss_mean"], color=color(row["optimizer_name"]), ls="--", lw=1)
 
 
-def _dress(axes, exp: dict[str, str], drawn: list[bool], measured_on: str | None) -> None:
+def _dress(
+    axes, exp: dict[str, str], drawn: list[bool], measured_on: str | None, subsets: bool
+) -> None:
     time_label = "training time (s): step × step cost measured side by side"
     if measured_on:
         time_label += f"\n({measured_on})"
@@ -86,7 +97,10 @@ def _dress(axes, exp: dict[str, str], drawn: list[bool], measured_on: str | None
             else:
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{name}, {loss_label(exp['metric_name'])}")
+            ylabel = f"{name}, {loss_label(exp['metric_name'])}"
+            if i == 1 and subsets:
+                ylabel += "\n(dots: full split; dashed: fixed subset)"
+            ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
 
 
@@ -102,7 +116,10 @@ def figure(results: Results, exp: dict[str, str]) -> Figure:
     rows = best.to_dict("records")
     for row in sorted(rows, key=lambda r: rank(r["optimizer"], r["optimizer_name"])):
         _draw(axes, row, results, drawn)
-    _dress(axes, exp, drawn, measured_on)
+    subsets = bool((results.metrics["split"] == SUBSET).any()) and any(
+        not cell_curve(results.runs, results.metrics, r, SUBSET).empty for r in rows
+    )
+    _dress(axes, exp, drawn, measured_on, subsets)
     if drawn[0] or drawn[1]:
         axes[0, 0].legend(
             title="best LR; mean ± std over seeds", fontsize="small", title_fontsize="small"

@@ -212,3 +212,19 @@ def test_a_subclass_missing_a_hook_fails_at_construction():
                 estimators=("sampled",),
                 **options,
             )
+
+
+@pytest.mark.parametrize("cls", [LEHI, LEHIBrid])
+def test_a_default_seed_near_two_to_the_64_gives_each_data_parallel_rank_a_stream(cls):
+    """torch's random default seed can be any 64-bit value; a rank's multinomial stream derived
+    from it must still be a valid generator seed, and differ from the other rank's."""
+    torch.manual_seed(2**64 - 1)
+    firsts = []
+    for rank in (0, 1):
+        model = lm()
+        torch.manual_seed(2**64 - 1)
+        opt = cls(model.parameters(), sampler="multinomial")
+        opt.configure_data_parallel(lambda tensors: None, rank=rank, world_size=2)
+        firsts.append(torch.rand(4, generator=opt.curvature_generator(torch.device("cpu"))))
+    assert 0 <= opt.seed < 2**63
+    assert not torch.equal(firsts[0], firsts[1])

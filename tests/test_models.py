@@ -370,3 +370,21 @@ def test_tiny_model_overfits_tiny_batch(name, shape, kwargs, data):
         losses.append(loss.item())
     assert all(p.grad is not None for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_resetting_the_evaluation_state_keeps_the_training_state():
+    x = torch.randint(0, 40, (3, 15))
+    model = small_lstm()
+    with torch.no_grad():
+        model(x[:, :5])
+        expected = model(x[:, 10:])
+        model.reset_state()
+        model(x[:, :5])
+        model.eval()
+        first = model(x[:, 5:10])
+        model.reset_state(training=False)  # what the trainer does before every evaluation
+        again = model(x[:, 5:10])
+        model.train()
+        got = model(x[:, 10:])
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(got, expected)

@@ -304,3 +304,67 @@ def test_step_budget_ends_mid_epoch_at_its_step(tmp_path, one_thread):
     assert summary["final"]["step"] == 30
     rows = read_metrics(only_run(tmp_path / "results"))
     assert [r["step"] for r in rows if r["split"] == "val"] == [0, 22, 30]
+
+
+# ------------------------------------------------------------------ subset evaluations
+TIMING = ("wall_time", "train_time")
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_subset_evaluations_leave_training_and_the_last_window_unchanged(tmp_path, one_thread):
+    budget = ["trainer.epochs=null", "trainer.max_steps=30", "trainer.evaluations=6"]
+    full = run(compose_config(digits_overrides(tmp_path / "full", *budget)))
+    cfg = compose_config(
+        digits_overrides(tmp_path / "sub", *budget, "trainer.eval_subset_batches=2")
+    )
+    subset = run(cfg)
+    full_rows = untimed(read_metrics(only_run(tmp_path / "full" / "results")))
+    sub_rows = untimed(read_metrics(only_run(tmp_path / "sub" / "results")))
+
+    def split(rows, name):
+        return [r for r in rows if r["split"] == name]
+
+    # Evaluating on fewer batches changes no training step and no full-split evaluation.
+    assert split(sub_rows, "train") == split(full_rows, "train")
+    eval_steps = [r["step"] for r in split(full_rows, "val")]
+    assert eval_steps == [0, 5, 10, 15, 20, 25, 30]
+    full_kept = [r for r in split(full_rows, "val") if r["step"] in (0, 20, 25, 30)]
+    assert split(sub_rows, "val") == full_kept
+    assert [r["step"] for r in split(sub_rows, "val_subset")] == [5, 10, 15]
+    assert subset["last3"] == full["last3"] and subset["initial"] == full["initial"]
+    # The subset is 2 of the split's batches: its loss is not the full split's.
+    by_step = {r["step"]: r["loss"] for r in split(full_rows, "val")}
+    assert all(r["loss"] != by_step[r["step"]] for r in split(sub_rows, "val_subset"))
+    # The option at its neutral value (null) is not part of the identity: old runs keep theirs.
+    assert (
+        only_run(tmp_path / "full" / "results").name != only_run(tmp_path / "sub" / "results").name
+    )
+    neutral = compose_config(digits_overrides(tmp_path / "full", *budget))
+    resolved = OmegaConf.to_container(neutral, resolve=True)
+    assert resolved["trainer"]["eval_subset_batches"] is None
+    del resolved["trainer"]["eval_subset_batches"]
+    assert record_dir(tmp_path / "full" / "results", resolved) == only_run(
+        tmp_path / "full" / "results"
+    )
+
+
+def test_a_prefix_replay_counts_subset_evaluations(tmp_path, one_thread):
+    cfg = compose_config(
+        digits_overrides(
+            tmp_path,
+            "trainer.epochs=null",
+            "trainer.max_steps=30",
+            "trainer.evaluations=6",
+            "trainer.eval_subset_batches=2",
+            "trainer.stop_after_evaluations=1",
+        )
+    )
+    assert run(cfg)["status"] == "interrupted"
+    rows = read_metrics(record_dir(tmp_path / "results", OmegaConf.to_container(cfg, resolve=True)))
+    assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [
+        (0, "val"),
+        (5, "val_subset"),
+    ]

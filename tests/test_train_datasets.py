@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import compose_config
+from omegaconf import OmegaConf
 from test_data_fineweb import write_sources
 from test_data_images import make_cifar, make_mnist
 from test_data_protein import make_rows, write_csv
 from test_data_ptb import write_ptb
 
-from lehi.runner import run
+import lehi.data
+from lehi.optim import build_optimizer
+from lehi.runner import build_model, run
+from lehi.train import Trainer
+from lehi.trainer_config import TrainerConfig
 
 
 def prepare(dataset: str, data_dir) -> list[str]:
@@ -95,3 +101,24 @@ def test_run_on_real_format_fixture(tmp_path, dataset, optimizer, one_thread):
         assert summary["tokens_per_s"] > 0
     if optimizer == "lehibrid":
         assert summary["curvature_passes"] == summary["steps"]
+
+
+def test_every_ptb_evaluation_reads_the_split_from_its_start(tmp_path, one_thread):
+    """Two evaluations of the same weights agree: the evaluation state does not carry over."""
+    overrides = prepare("ptb", tmp_path)
+    cfg = compose_config(["dataset=ptb", f"paths.data_dir={tmp_path}", *overrides])
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    bundle = lehi.data.build(cfg["dataset"])
+    model = build_model(cfg["model"], bundle)
+    opt = build_optimizer(cfg["optimizer"], model, loss="cross_entropy", ignore_index=-100, seed=0)
+    trainer = Trainer(
+        model,
+        opt,
+        bundle,
+        TrainerConfig.from_config(cfg["trainer"]),
+        device=torch.device("cpu"),
+        seed=0,
+        record=None,
+    )
+    assert trainer.evaluate() == trainer.evaluate()
+    assert trainer.evaluate(1) == trainer.evaluate(1) != trainer.evaluate()

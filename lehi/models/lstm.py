@@ -71,9 +71,10 @@ class LSTMLM(StatefulModel):
             nn.init.uniform_(p, -init_range, init_range)
         self._state: dict[bool, State | None] = {True: None, False: None}
 
-    def reset_state(self) -> None:
-        """Forget the carried (h, c) of both training and evaluation mode."""
-        self._state = {True: None, False: None}
+    def reset_state(self, training: bool | None = None) -> None:
+        """Forget the carried (h, c) of training mode, evaluation mode, or (None) both."""
+        for mode in (True, False) if training is None else (training,):
+            self._state[mode] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 → (B, T, V) logits, continuing from the carried state when stateful."""

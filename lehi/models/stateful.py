@@ -14,5 +14,5 @@ class StatefulModel(nn.Module, ABC):
     start of every epoch (and evaluation keeps a state of its own)."""
 
     @abstractmethod
-    def reset_state(self) -> None:
-        """Forget the carried state."""
+    def reset_state(self, training: bool | None = None) -> None:
+        """Forget the carried state: of training mode, of evaluation mode, or (None) both."""

@@ -131,7 +131,7 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
         inverse-CDF sampler (and for MSE, whose signs need no class probabilities) every rank
         draws the global batch's v and keeps its slice, exactly the draws of a one-process run
         with the same global batch; multinomial draws cannot be sliced that way, so each rank
-        draws its own stream from seed·1,000,003 + rank.
+        draws its own stream from (seed·1,000,003 + rank) mod 2⁶³.
         """
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(f"rank={rank} and world_size={world_size}: need 0 <= rank < size")
@@ -141,7 +141,8 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
         if self.sampler == "inverse_cdf" or self.loss_name == "mse":
             self._shard = (rank, world_size)
         else:
-            self.seed = self.seed * 1_000_003 + rank
+            # Kept below 2^63: torch's own default seeds (seed=None) are up to 2^64 - 1.
+            self.seed = (self.seed * 1_000_003 + rank) % 2**63
             self._generator = None
 
     # ----------------------------------------------------------------- schedule and generator
