@@ -48,12 +48,14 @@ class ConfigError(ValueError):
 TOP_LEVEL = ("seed", "experiment", "paths", "dataset", "model", "optimizer", "trainer", "logger")
 SECTIONS: dict[str, dict[str, Any]] = {
     # tuned_lr, tuned_from: a confirmation preset's LR per reading and where it came from
-    # (lehi.results.confirm).
+    # (lehi.results.confirm); reuse_from: experiments whose identical runs are adopted
+    # (lehi.reuse).
     "experiment": {
         "name": str,
         "scale": Literal["full", "small"],
         "tuned_lr": dict,
         "tuned_from": dict,
+        "reuse_from": list[str],
     },
     "paths": {"data_dir": str, "results_dir": str, "cache_dir": str, "run_dir": str | None},
     "logger": {

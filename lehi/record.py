@@ -68,11 +68,13 @@ METRIC_COLUMNS = (
 #: only (reruns agree to far better than the 1 % the reproducibility checks allow).
 #: ``trainer.device`` is where the run happened (env.json), the precision it used is part
 #: of the identity. ``optimizer.label`` is a display name (it is in the folder path);
-#: ``optimizer.warn_update_above`` only decides whether LEHI warns about a large first step.
+#: ``optimizer.warn_update_above`` only decides whether LEHI warns about a large first step;
+#: ``experiment.reuse_from`` only says where an identical finished run may be found.
 NON_IDENTITY = (
     "paths",
     "logger",
     "dataset.data_dir",
+    "experiment.reuse_from",
     "optimizer.label",
     "optimizer.warn_update_above",
     "trainer.device",

@@ -1,7 +1,9 @@
 """One run from a resolved config, in four steps that read top to bottom:
 
 1. :func:`plan` — check the config, find the run's folder from its identity, decide whether
-   it is already done (skip), half done (resume) or new. Nothing is built or written.
+   it is already done (skip), half done (resume) or new. Nothing is built or written. A new
+   run that another experiment of ``experiment.reuse_from`` already computed adopts that
+   run's result instead (lehi.reuse).
 2. :func:`build` — data, model, optimizer, data-parallel wiring, trainer. Still nothing written.
 3. train — under the folder's lock, with signals that checkpoint and stop.
 4. :func:`record_result` — the one place that writes a summary.
@@ -42,6 +44,7 @@ from lehi.optim import (
 )
 from lehi.preemption import Interrupted, StopSignals
 from lehi.record import RunBusyError, RunRecord, environment, git, identity_hash, run_dir
+from lehi.reuse import adopt, reusable_source
 from lehi.train import Trainer
 from lehi.trainer_config import TrainerConfig
 
@@ -209,6 +212,11 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if p.previous is not None:
         log.info("skip %s: already %s (same config)", p.record.dir, p.previous["status"])
         return p.previous
+    results_dir = p.config["paths"]["results_dir"]
+    source = None if p.trainer.force else reusable_source(p.config, results_dir)
+    if source is not None:
+        with _lock(p):
+            return adopt(source, p.record, p.config, results_dir)
     built = build(p)
     main = built.trainer.record is not None
     try:

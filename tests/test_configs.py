@@ -90,7 +90,12 @@ def test_every_experiment_preset_composes_with_its_sweep(experiment):
     if experiment.startswith("ablation_"):
         # every reading of conf/reading/ but the confirmations' references to other optimizers
         readings = {p.stem for p in (CONF / "reading").glob("*.yaml")} - {"adamw", "sophia"}
-        assert set(params["reading"].split(",")) == readings
+        swept = set(params["reading"].split(","))
+        if experiment == "ablation_ptb_small":  # 6 min a run: the readings that bound the step
+            assert swept == {"adam", "lehi", "lehi_eps_inside", "lehi_floor_clip",
+                             "lehi_update_clip", "lehibrid"}  # fmt: skip
+        else:
+            assert swept == readings
     else:  # every optimizer of conf/optimizer/
         assert params["optimizer"] == "glob(*)"
     lrs = [float(v) for v in params["optimizer.lr"].split(",")]
