@@ -470,3 +470,16 @@ def test_a_roster_entry_sets_role_order_and_colour(
     assert {("lehi", "toy_sgd"), ("lehibrid", "toy_sgd")} <= pairs
     assert "| Toy SGD | 0.001 |" in R.render_markdown(res)
     assert roster.color("toy_sgd") == "#123456"
+
+
+def test_headings_state_the_budget_in_epochs_or_steps():
+    from lehi.results.markdown import budget_label, experiment_heading
+
+    assert budget_label(9380, 20.0) == "20 epochs (9,380 steps)"
+    assert budget_label(664, 664 / 1327) == "664 steps (0.5 epoch)"
+    assert budget_label(None, None) == ""
+    heading = experiment_heading("ptb_small", "small", "ptb", "perplexity", 664, 664 / 1327)
+    assert heading == (
+        "ptb_small — scale: small (CPU variant) · dataset: ptb · 664 steps (0.5 epoch) · "
+        "metric: perplexity"
+    )

@@ -20,10 +20,32 @@ def scale_label(scale: str) -> str:
     return "small (CPU variant)" if scale == "small" else str(scale)
 
 
-def experiment_heading(experiment: str, scale: str, dataset: str, metric_name: str) -> str:
-    """Heading/title text of an experiment; names the scale so small runs are labelled."""
+def budget_label(steps: float | None, epochs: float | None) -> str:
+    """``20 epochs (9,380 steps)`` for whole epochs, else ``664 steps (0.5 epoch)``."""
+    if steps is None or not math.isfinite(steps):
+        return ""
+    steps = int(steps)
+    if epochs is None or not math.isfinite(epochs):
+        return f"{steps:,} steps"
+    if epochs >= 1 and abs(epochs - round(epochs)) < 1e-9:
+        return f"{round(epochs)} epoch{'s' if round(epochs) != 1 else ''} ({steps:,} steps)"
+    return f"{steps:,} steps ({epochs:.2g} epoch)"
+
+
+def experiment_heading(
+    experiment: str,
+    scale: str,
+    dataset: str,
+    metric_name: str,
+    steps: float | None = None,
+    epochs: float | None = None,
+) -> str:
+    """Heading/title text of an experiment; names the scale so small runs are labelled, and
+    the budget when it is given."""
     metric = f" · metric: {metric_name}" if metric_name else ""
-    return f"{experiment} — scale: {scale_label(scale)} · dataset: {dataset}{metric}"
+    budget = budget_label(steps, epochs)
+    budget = f" · {budget}" if budget else ""
+    return f"{experiment} — scale: {scale_label(scale)} · dataset: {dataset}{budget}{metric}"
 
 
 def label_of(row: Mapping[str, Any], key: str = "optimizer") -> str:

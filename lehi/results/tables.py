@@ -33,12 +33,19 @@ class Results:
         return self.runs.empty
 
     def experiments(self) -> list[dict[str, str]]:
-        """Experiments in display order: dicts with experiment, scale, dataset, metric_name."""
+        """Experiments in display order: dicts with experiment, scale, dataset, metric_name,
+        and the budget (the most steps, and epochs, a run of the experiment trained)."""
         if self.cells.empty:
             return []
         first = self.cells.groupby(list(EXP_KEYS), sort=True)["metric_name"].first()
+        budget = self.runs.groupby(list(EXP_KEYS))[["steps", "epochs"]].max()
         return [
-            dict(zip((*EXP_KEYS, "metric_name"), (*k, m), strict=True)) for k, m in first.items()
+            {
+                **dict(zip((*EXP_KEYS, "metric_name"), (*k, m), strict=True)),
+                "steps": budget.loc[k, "steps"] if k in budget.index else None,
+                "epochs": budget.loc[k, "epochs"] if k in budget.index else None,
+            }
+            for k, m in first.items()
         ]
 
     def measured_on(self, experiment: str) -> str | None:
