@@ -39,6 +39,7 @@ ALTERNATIVES: dict[str, list[str]] = {
         "paths.run_dir={tmp}/pinned",
     ],
     "logger": ["logger=wandb"],
+    "experiment.reuse_from": ["experiment.reuse_from=[elsewhere]"],
     "optimizer.label": ["optimizer.label=renamed"],
     "trainer.device": ["trainer.device=cpu"],
     "trainer.resume": ["trainer.resume=false"],
