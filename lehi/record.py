@@ -280,11 +280,23 @@ REPO = Path(__file__).resolve().parents[1]
 #: Training code: everything that can change a run's metrics rows (data, models, optimizers,
 #: curvature, trainer, runner, this record, configs, presets, run.py), as git pathspecs.
 #: Analysis code (:data:`ANALYSIS_CODE`: lehi.results, the diagnostics studies, plots) reads
-#: finished runs and never expires them. A run is current while its commit's training code
-#: equals HEAD's, or while a verification at HEAD's training code replays it to the same rows
-#: (``python -m lehi.results verify``).
+#: finished runs and never expires them. A run is current while its experiment's training code
+#: (:func:`training_code`) at its commit equals HEAD's, or while a verification at HEAD's
+#: replays it to the same rows (``python -m lehi.results verify``).
 ANALYSIS_CODE = ("lehi/results", "lehi/diagnostics", "plots")
 TRAINING_CODE = ("lehi", "conf", "experiments", "run.py", *(f":!{p}" for p in ANALYSIS_CODE))
+PRESETS = "experiments"
+
+
+def training_code(experiment: str | None = None) -> tuple[str, ...]:
+    """The pathspecs of :data:`TRAINING_CODE`; for one ``experiment``, with its own preset
+    (``experiments/<experiment>.yaml``) in place of the whole folder: a run reads no other
+    preset (presets include conf/ groups, never each other), so adding or changing another
+    experiment expires none of its runs."""
+    if experiment is None:
+        return TRAINING_CODE
+    own = f"{PRESETS}/{experiment}.yaml"
+    return tuple(own if p == PRESETS else p for p in TRAINING_CODE)
 
 
 def git(*args: str) -> str | None:
@@ -315,12 +327,14 @@ def dirty_files() -> list[str] | None:
     return sorted({line[3:] for line in f"{tracked}\n{untracked}".splitlines() if line.strip()})
 
 
-def training_code_digest(commit: str = "HEAD") -> str | None:
-    """A digest of the training code at ``commit`` (its blobs), None when git cannot tell.
+def training_code_digest(commit: str = "HEAD", experiment: str | None = None) -> str | None:
+    """A digest of the training code at ``commit`` (its blobs; ``experiment``'s, see
+    :func:`training_code`), None when git cannot tell.
 
-    Two commits with the same digest train every run identically, whatever else differs.
+    Two commits with the same digest train every run (of ``experiment``) identically, whatever
+    else differs.
     """
-    included = [p for p in TRAINING_CODE if not p.startswith(":!")]
+    included = [p for p in training_code(experiment) if not p.startswith(":!")]
     listing = git("ls-tree", "-r", commit, "--", *included)
     if listing is None:
         return None
@@ -333,8 +347,10 @@ def training_code_digest(commit: str = "HEAD") -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """The machine's numerics: CPU model and torch's CPU kernel capability (AVX2, AVX512…),
-    torch version, and the GPU when there is one. Runs replay bit for bit only on an equal one."""
+    """The machine's numerics: CPU model and torch's CPU kernel capability (AVX2, AVX512…, as
+    torch runs it: ``ATEN_CPU_CAPABILITY`` can pin it lower), torch version, and the GPU when
+    there is one. Runs replay bit for bit on an equal one, or on a CPU of the same model and a
+    higher capability pinned to the recorded one (lehi.results.verify)."""
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -2,9 +2,11 @@
 
 One committed confirmation run of digits per reading (its tuned LR, its first fresh seed) is
 replayed to the end through the real runner and its metrics rows compared with the committed
-ones: exactly on a machine like the one that made them (env.json names its CPU and torch's
-kernel capability), within lehi.results.verify's tolerance inside each run's chaos horizon
-elsewhere, which sees far less (pure LEHI's horizon is its first evaluation). A change that
+ones: exactly wherever this machine can compute as the one that made them (env.json names its
+CPU and torch's kernel capability; the replay is pinned to that capability, so an AVX512
+machine replays the AVX2 machine's runs bit for bit), within lehi.results.verify's tolerance
+inside each run's chaos horizon elsewhere, which sees far less (pure LEHI's horizon is its
+first evaluation). A change that
 moves numbers fails here with the first differing row, so it must regenerate what it changes
 in the same submission (README, "Results").
 """

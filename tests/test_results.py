@@ -414,7 +414,7 @@ def test_a_passing_verification_at_heads_training_code_carries_a_stale_run(
         (run / "env.json").write_text(json.dumps({"git_commit": first, "git_dirty": False}))
     verified = root / "toy" / "verified.json"
     document = {
-        "training_code": record.training_code_digest(),
+        "training_code": record.training_code_digest(experiment="toy"),
         "training_code_dirty": False,
         "labels": {"adam": True, "lehi": False},
     }

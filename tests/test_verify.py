@@ -92,12 +92,66 @@ def test_the_sample_covers_each_label_at_its_best_and_highest_lr():
     assert prefix == rest[::2]
 
 
-def test_same_machine_needs_every_numerics_field():
-    here = machine()
-    assert V.same_machine({**here}, here)
-    assert not V.same_machine({"device_name": "x86_64"}, here)  # older env.json
-    assert not V.same_machine({**here, "cpu_capability": "DEFAULT"}, here)
-    assert not V.same_machine({**here, "torch": "0.0"}, here)
+def test_replay_capability_needs_the_recorded_kernels_within_reach():
+    here = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.14.1", "gpu": None}
+    assert V.replay_capability(here, here) == "AVX512"
+    assert V.replay_capability({**here, "cpu_capability": "AVX2"}, here) == "AVX2"  # pinned down
+    assert V.replay_capability({**here, "cpu_capability": "DEFAULT"}, here) == "DEFAULT"
+    assert V.replay_capability(here, {**here, "cpu_capability": "AVX2"}) is None  # never up
+    assert V.replay_capability({"device_name": "x86_64"}, here) is None  # older env.json
+    assert V.replay_capability({**here, "torch": "0.0"}, here) is None
+    assert V.replay_capability({**here, "cpu": "Intel Xeon"}, here) is None
+    assert V.replay_capability({**here, "gpu": "NVIDIA H100"}, here) is None
+    assert V.replay_capability({**here, "cpu_capability": "VSX"}, here) is None
+
+
+@pytest.mark.skipif(
+    machine()["cpu_capability"] not in V.CAPABILITY_LEVELS[1:],
+    reason="needs a CPU with vectorised kernels above torch's baseline",
+)
+def test_a_run_made_under_lower_cpu_kernels_replays_exactly_when_pinned_to_them(tmp_path: Path):
+    # Made as on a CPU without AVX2: torch's baseline kernels, recorded in env.json.
+    results = tmp_path / "results"
+    command = [
+        sys.executable,
+        "run.py",
+        "experiment.name=pinned",
+        "model=mlp_small",
+        "trainer.epochs=2",
+        "trainer.threads=1",
+        "logger=files",
+        f"paths.results_dir={results}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", V.CAPABILITY_VARIABLE: "default"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = next(results.rglob("summary.json")).parent
+    assert json.loads((folder / "env.json").read_text())["cpu_capability"] == "DEFAULT"
+    run = str(folder.relative_to(results))
+
+    replays = [V.Replay(run, "adam", "full")]
+    verification, _ = V.replay_all(
+        "pinned", replays, {run: str(folder)}, machine(), "data", 1, tmp_path / "pinned"
+    )
+    assert verification.comparison == "exact" and verification.capabilities == ["DEFAULT"]
+    assert verification.identical and verification.result == "identical", verification.outcomes
+    assert "identical (exact: replayed under the recorded CPU kernels, DEFAULT)" in (
+        verification.line()
+    )
+    # The control: under this machine's own kernels the same run parts in its last bits, so
+    # the pin is what makes the exact comparison possible.
+    native = V.replay(
+        folder,
+        run=run,
+        label="adam",
+        mode="full",
+        experiment="pinned",
+        data_dir="data",
+        scratch=str(tmp_path / "native"),
+        exact=True,
+    )
+    assert native.row_difference and 0 < native.max_rel_diff < 1e-4, native
 
 
 def test_a_no_progress_summary_of_the_old_trainer_ran_to_its_budget():
@@ -210,6 +264,21 @@ def test_scratch_clone_comment_passes_eps_change_fails_and_tampering_is_named(cl
     verified = json.loads((clone / "results" / "tiny" / "verified.json").read_text())
     assert verified["result"] == "identical" and verified["training_code_dirty"] is False
     assert verified["labels"] == {"adam": True, "lehi": True}
+
+    # Another experiment's preset is not tiny's training code: tiny's runs stay current.
+    other = (clone / "experiments" / "tiny.yaml").read_text().replace("name: tiny", "name: other")
+    (clone / "experiments" / "other.yaml").write_text(other.replace("epochs: 2", "epochs: 3"))
+    commit(clone, "another experiment")
+    check = results_cli(clone, "check")
+    assert check.returncode == 0 and "all current at HEAD" in check.stdout, check.stdout
+    # ... while a change to tiny's own preset expires its runs (the one carried forward is
+    # tiny's verification at the training code before it).
+    preset = clone / "experiments" / "tiny.yaml"
+    preset.write_text(preset.read_text() + "# a comment in tiny's own preset\n")
+    commit(clone, "tiny's preset touched")
+    check = results_cli(clone, "check")
+    assert check.returncode == 1 and check.stdout.count("other training code than HEAD's") == 4
+    assert results_cli(clone, "verify", "tiny").returncode == 0
 
     # LEHI's eps default: HEAD now composes another config for the LEHI runs.
     conf = clone / "conf" / "optimizer" / "lehi.yaml"

@@ -1,10 +1,11 @@
 """Which runs are current at HEAD: ``python -m lehi.results check``.
 
-A run is current when it was made from a clean tree and either its commit's training code
-(``lehi.record.TRAINING_CODE``) equals HEAD's, or its experiment holds a passing verification
+A run is current when it was made from a clean tree and either its experiment's training code
+(``lehi.record.training_code``: the code that can change its rows, with its own preset and no
+other) at its commit equals HEAD's, or its experiment holds a passing verification
 (``<exp>/verified.json``, written by ``python -m lehi.results verify``) made at a clean tree
-whose training code equals HEAD's, in which every replay of the run's optimizer label
-reproduced its rows. Everything else is listed: a run from a dirty tree (or without a dirty
+whose training code for that experiment equals HEAD's, in which every replay of the run's
+optimizer label reproduced its rows. Everything else is listed: a run from a dirty tree (or without a dirty
 flag), a run whose commit is unknown here, and a run whose training code changed with no such
 verification. Analysis code (lehi/results, the diagnostics, plots) never makes a run stale,
 and judgements made from the rows (``no_progress``, trained) are lehi.results' own.
@@ -45,11 +46,11 @@ def _git_rc(*args: str) -> int | None:
 
 
 @cache
-def code_state(commit: str) -> str:
-    """``same`` (training code equals HEAD's), ``changed`` or ``unknown``."""
+def code_state(commit: str, experiment: str | None = None) -> str:
+    """``same`` (``experiment``'s training code equals HEAD's), ``changed`` or ``unknown``."""
     if not commit or _git_rc("cat-file", "-e", f"{commit}^{{commit}}") != 0:
         return "unknown"
-    rc = _git_rc("diff", "--quiet", commit, "HEAD", "--", *record.TRAINING_CODE)
+    rc = _git_rc("diff", "--quiet", commit, "HEAD", "--", *record.training_code(experiment))
     return {0: "same", 1: "changed"}.get(rc, "unknown")
 
 
@@ -62,15 +63,15 @@ def verified_labels(exp_dir: Path) -> tuple[dict[str, bool], str]:
         return {}, "no verification (python -m lehi.results verify)"
     if found.get("training_code_dirty") is not False:
         return {}, "its verification was made with uncommitted training code"
-    if found.get("training_code") != _head_training_code():
+    if found.get("training_code") != _head_training_code(exp_dir.name):
         return {}, "its verification was made at other training code than HEAD's"
     labels = found.get("labels")
     return (labels if isinstance(labels, dict) else {}), "its verification failed"
 
 
 @cache
-def _head_training_code() -> str | None:
-    return record.training_code_digest()
+def _head_training_code(experiment: str) -> str | None:
+    return record.training_code_digest(experiment=experiment)
 
 
 def _reasons(run: dict, root: Path) -> list[tuple[str, str]]:
@@ -80,7 +81,7 @@ def _reasons(run: dict, root: Path) -> list[tuple[str, str]]:
     if run["git_dirty"] is None or bool(run["git_dirty"]):
         what = "made from a dirty tree" if run["git_dirty"] else "no dirty flag in env.json"
         reasons.append(("dirty", f"{what} at {short}"))
-    state = code_state(commit)
+    state = code_state(commit, run["experiment"])
     if state == "same":
         return reasons
     labels, why = verified_labels(root / run["experiment"])

@@ -16,21 +16,27 @@ Each replayed config is composed afresh at HEAD from the experiment's preset
 is seen: a composed identity that differs from the recorded one fails, naming the key, and the
 replay of HEAD's config then names the first differing row.
 
-Rows are compared exactly when the replaying machine is the recorded one (CPU model, torch's
-CPU capability, torch version, GPU); otherwise within :data:`REL_TOLERANCE` (see its comment
-for how it was measured). Statuses must agree in both modes. The result, per label, goes to
+Rows are compared exactly when this machine can compute as the recorded one did: the same CPU
+model, torch version and GPU, and torch's CPU capability (AVX2, AVX512…) the recorded one or
+above it, in which case the replay runs pinned to the recorded capability
+(``ATEN_CPU_CAPABILITY``, :func:`replay_capability`). Otherwise rows are compared within
+:data:`REL_TOLERANCE` (see its comment for how it was measured) inside each run's chaos
+horizon. Statuses must agree in both modes, and a verification whose every replayed row equals
+the recorded one is ``identical`` whichever mode allowed it. The result, per label, goes to
 ``<root>/<exp>/verified.json``; ``python -m lehi.results check`` carries runs forward with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +52,7 @@ __all__ = [
     "Verification",
     "compare_rows",
     "plan_replays",
-    "same_machine",
+    "replay_capability",
     "verify",
 ]
 
@@ -116,10 +122,25 @@ class Verification:
     experiment: str
     comparison: str  # "exact" | "tolerance"
     outcomes: list[Outcome] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)  # the pins of an exact comparison
 
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outcomes)
+
+    @property
+    def identical(self) -> bool:
+        """Every replayed row equals the recorded one, cell for cell (timing aside)."""
+        return self.ok and all(
+            o.max_rel_diff == 0.0 and not o.row_difference for o in self.outcomes
+        )
+
+    @property
+    def result(self) -> str:
+        """identical | within tolerance | failed: what verified.json and check report."""
+        if not self.ok:
+            return "failed"
+        return "identical" if self.identical else "within tolerance"
 
     def labels(self) -> dict[str, bool]:
         """Per optimizer label: whether all its replays reproduced."""
@@ -135,7 +156,10 @@ class Verification:
         if self.ok:
             worst = max((o.max_rel_diff for o in self.outcomes), default=0.0)
             if self.comparison == "exact":
-                return f"{head}, identical (exact: same machine)"
+                pins = "/".join(self.capabilities) or "this machine's"
+                return f"{head}, identical (exact: replayed under the recorded CPU kernels, {pins})"
+            if self.identical:
+                return f"{head}, identical (every row equal, though the machine is not known)"
             bounded = [o for o in self.outcomes if o.horizon is not None]
             note = ""
             if bounded:
@@ -246,11 +270,32 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 # ----------------------------------------------------------------------------- compare
-def same_machine(env: Mapping[str, Any] | None, here: Mapping[str, Any]) -> bool:
-    """Whether the run's env.json names this machine's numerics (CPU, capability, torch, GPU)."""
+#: torch's x86 CPU kernel levels, lowest first. A CPU runs every level up to its own, and
+#: ``ATEN_CPU_CAPABILITY=<level>`` makes torch dispatch that level's kernels. Measured: an
+#: AVX512 AMD EPYC pinned to avx2 replays runs made on an AVX2 AMD EPYC bit for bit (every
+#: row of confirm_mnist_small's LEHIBrid and AdamW runs), where unpinned the first validation
+#: loss already differs (2.3168596982955934 recorded, 2.316859769821167 replayed).
+CAPABILITY_LEVELS = ("DEFAULT", "AVX2", "AVX512")
+
+
+def replay_capability(env: Mapping[str, Any] | None, here: Mapping[str, Any]) -> str | None:
+    """The CPU capability under which this machine computes as the run's machine did, or None.
+
+    That needs the same CPU model, torch version and GPU, and a recorded capability that this
+    machine has (its own, or a level below it that torch can be pinned to). None means the
+    machine is unknown (an env.json from before the capability was recorded) or cannot be
+    matched, and only the tolerance applies."""
     if not env or not env.get("cpu") or not env.get("cpu_capability"):
-        return False
-    return all(env.get(k) == here[k] for k in ("cpu", "cpu_capability", "torch", "gpu"))
+        return None
+    if any(env.get(k) != here[k] for k in ("cpu", "torch", "gpu")):
+        return None
+    recorded, own = env["cpu_capability"], here["cpu_capability"]
+    if recorded == own:
+        return recorded
+    levels = CAPABILITY_LEVELS
+    if recorded in levels and own in levels and levels.index(recorded) < levels.index(own):
+        return recorded
+    return None
 
 
 def _cell_equal(a: Any, b: Any, column: str, exact: bool, metric_name: str) -> tuple[bool, float]:
@@ -318,7 +363,12 @@ def _replay_task(task: dict[str, Any]) -> dict[str, Any]:
     import logging
     import warnings
 
+    import torch
+
     logging.getLogger("lehi").setLevel(logging.WARNING)
+    pinned, running = task.get("capability"), torch.backends.cpu.get_cpu_capability()
+    if pinned is not None and running != pinned:
+        raise VerifyError(f"{task['run']}: replay needs CPU capability {pinned}, got {running}")
     keys = ("run", "label", "mode", "experiment", "data_dir", "scratch", "exact")
     with warnings.catch_warnings():
         # LEHI's one-time large-step warning is expected of the readings being replayed.
@@ -400,7 +450,8 @@ def replay(
 #: AVX2/AVX512 kernels, MKL's compatible code path, and :data:`ROUNDING_THREADS` threads (which
 #: split the matrix products' sums differently); its rows differ from the plain replay's only
 #: by the rounding of the same float operations, as another CPU's would.
-ROUNDING_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+CAPABILITY_VARIABLE = "ATEN_CPU_CAPABILITY"
+ROUNDING_ENV = {CAPABILITY_VARIABLE: "default", "MKL_CBWR": "COMPATIBLE"}
 ROUNDING_THREADS = 2
 
 
@@ -501,11 +552,7 @@ def verify(
             f"{', '.join(known) or 'none'}"
         )
     here = record.machine()
-    head = {
-        "commit": record.git("rev-parse", "HEAD"),
-        "training_code": record.training_code_digest(),
-        "dirty": _training_code_dirty(),
-    }
+    commit = record.git("rev-parse", "HEAD")
     scratch_root = Path(scratch or tempfile.mkdtemp(prefix="lehi-verify-"))
     results: list[Verification] = []
     try:
@@ -525,7 +572,7 @@ def verify(
             ]
             results.append(
                 _verify_experiment(
-                    root, exp, rows, here, head, data_dir, jobs, prefix_every, scratch_root, write
+                    root, exp, rows, here, commit, data_dir, jobs, prefix_every, scratch_root, write
                 )
             )
             if on_done is not None:
@@ -536,8 +583,8 @@ def verify(
     return results
 
 
-def _training_code_dirty() -> bool | None:
-    status = record.git("status", "--porcelain", "--", *record.TRAINING_CODE)
+def _training_code_dirty(experiment: str) -> bool | None:
+    status = record.git("status", "--porcelain", "--", *record.training_code(experiment))
     return None if status is None else bool(status.strip())
 
 
@@ -546,7 +593,7 @@ def _verify_experiment(
     exp: str,
     rows: list[dict[str, Any]],
     here: dict[str, Any],
-    head: dict[str, Any],
+    commit: str | None,
     data_dir: str | None,
     jobs: int,
     prefix_every: int,
@@ -555,6 +602,11 @@ def _verify_experiment(
 ) -> Verification:
     replays = plan_replays(rows, prefix_every)
     paths = {r["run"]: r["path"] for r in rows}
+    head = {
+        "commit": commit,
+        "training_code": record.training_code_digest(experiment=exp),
+        "dirty": _training_code_dirty(exp),
+    }
     verification, seconds = replay_all(exp, replays, paths, here, data_dir, jobs, scratch)
     if write:
         _write(root / exp / VERIFIED, verification, here, head, seconds)
@@ -570,10 +622,13 @@ def replay_all(
     jobs: int,
     scratch: Path,
 ) -> tuple[Verification, float]:
-    """Replay ``replays`` (folders in ``paths``) and judge them: exactly when every one was
-    made on this machine, else within the tolerance inside each run's chaos horizon."""
-    envs = {r.run: record.RunRecord(paths[r.run]).read_env() for r in replays}
-    exact = all(same_machine(envs[r.run], here) for r in replays)
+    """Replay ``replays`` (folders in ``paths``) and judge them: exactly when this machine
+    can compute as each run's machine did (pinned to its CPU capability), else within the
+    tolerance inside each run's chaos horizon."""
+    pins = {
+        r.run: replay_capability(record.RunRecord(paths[r.run]).read_env(), here) for r in replays
+    }
+    exact = all(pin is not None for pin in pins.values())
     tasks = []
     for r in replays:
         recorded = record.RunRecord(paths[r.run]).read_config() or {}
@@ -585,19 +640,45 @@ def replay_all(
                 "data_dir": data_dir or _dotted(recorded, "paths.data_dir") or "data",
                 "scratch": str(scratch / exp),
                 "exact": exact,
+                "capability": pins[r.run] if exact else None,
             }
         )
     start = time.perf_counter()
-    if jobs > 1 and len(tasks) > 1:
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            outcomes = [Outcome(**o) for o in pool.map(_replay_task, tasks, chunksize=1)]
-    else:
-        outcomes = [Outcome(**_replay_task(t)) for t in tasks]
+    outcomes: dict[str, Outcome] = {}
+    for capability in sorted({t["capability"] or "" for t in tasks}):
+        group = [t for t in tasks if (t["capability"] or "") == capability]
+        if capability in ("", here["cpu_capability"]) and (jobs == 1 or len(group) == 1):
+            done = [_replay_task(t) for t in group]
+        else:
+            with _kernels(capability or None):  # inherited by the workers as they start
+                with multiprocessing.get_context("spawn").Pool(min(jobs, len(group))) as pool:
+                    done = pool.map(_replay_task, group, chunksize=1)
+        outcomes.update((o["run"], Outcome(**o)) for o in done)
+    ordered = [outcomes[t["run"]] for t in tasks]
     if not exact:
-        _horizon_pass(outcomes, tasks, scratch / "rounding", jobs)
+        _horizon_pass(ordered, tasks, scratch / "rounding", jobs)
     verification = Verification(exp, "exact" if exact else "tolerance")
-    verification.outcomes = outcomes
+    verification.outcomes = ordered
+    verification.capabilities = sorted({t["capability"] for t in tasks if t["capability"]})
     return verification, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _kernels(capability: str | None) -> Iterator[None]:
+    """``ATEN_CPU_CAPABILITY`` set to ``capability`` (unchanged for None) for processes
+    started inside the block."""
+    if capability is None:
+        yield
+        return
+    before = os.environ.get(CAPABILITY_VARIABLE)
+    os.environ[CAPABILITY_VARIABLE] = capability.lower()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CAPABILITY_VARIABLE, None)
+        else:
+            os.environ[CAPABILITY_VARIABLE] = before
 
 
 def _horizon_pass(
@@ -621,10 +702,9 @@ def _write(
 ) -> None:
     document = {
         "experiment": v.experiment,
-        "result": "identical"
-        if v.ok and v.comparison == "exact"
-        else ("within tolerance" if v.ok else "failed"),
+        "result": v.result,
         "comparison": v.comparison,
+        "replayed_capabilities": v.capabilities,
         "rel_tolerance": None if v.comparison == "exact" else REL_TOLERANCE,
         "head_commit": head["commit"],
         "training_code": head["training_code"],
