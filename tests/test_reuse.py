@@ -86,16 +86,17 @@ def test_a_run_that_computed_something_else_or_came_from_a_dirty_tree_is_not_ado
     assert "reused_from" not in summary and summary["status"] == "completed"
 
 
+@pytest.mark.parametrize("main", ["ptb_small", "mnist", "protein"])
 @pytest.mark.parametrize("reading", ["adam", "lehi", "lehibrid"])
-def test_the_ptb_ablations_reference_readings_compute_ptb_smalls_runs(reading):
+def test_an_ablations_reference_readings_compute_its_main_sweeps_runs(reading, main):
     from lehi.reuse import computation
 
     def composed(*extra: str) -> dict:
         return OmegaConf.to_container(compose_config([*extra, "optimizer.lr=1e-3"]), resolve=True)
 
-    ablation = composed("experiment=ablation_ptb_small", f"reading={reading}")
-    main = composed("experiment=ptb_small", f"optimizer={reading}")
-    assert ablation["experiment"]["reuse_from"] == ["ptb_small"]
-    assert computation(ablation) == computation(main)
-    clipped = composed("experiment=ablation_ptb_small", "reading=lehi_update_clip")
-    assert computation(clipped) != computation(main)
+    ablation = composed(f"experiment=ablation_{main}", f"reading={reading}")
+    same = composed(f"experiment={main}", f"optimizer={reading}")
+    assert ablation["experiment"]["reuse_from"] == [main]
+    assert computation(ablation) == computation(same)
+    clipped = composed(f"experiment=ablation_{main}", "reading=lehi_update_clip")
+    assert computation(clipped) != computation(same)
