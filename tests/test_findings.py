@@ -30,6 +30,11 @@ GRID = {
     ("ablation_toy", "adam", 1e-3): [0.50, 0.52],
     ("ablation_toy", "lehi_update_clip", 1e-3): [0.44, 0.46],
     ("ablation_toy", "lehi_update_clip", 1e-2): [0.60, None],
+    # the same workload at a small budget
+    ("toy_small", "adam", 1e-3): [0.61, 0.63],
+    ("toy_small", "lehi", 1e-3): [0.70, None],
+    ("toy_small", "lehi", 1e-2): [0.66, 0.68],
+    ("ablation_toy_small", "lehi_update_clip", 1e-2): [0.64, 0.66],
 }
 README = f"# Project\n\nText before.\n\n{BEGIN}\nstale numbers\n{END}\n\nText after.\n"
 
@@ -63,6 +68,16 @@ def test_the_block_quotes_the_tables(tree):
     # record no initial validation loss to be 10 % below) / in the grid, best loss at the best
     assert row(block, "Adam", "1/0/1 · 0.5100 (lr 1e-3)")
     assert row(block, "lehi_update_clip", "1/0/2 · 0.4500 (lr 1e-3)")
+
+
+def test_small_and_full_budgets_side_by_side(tree):
+    block = render_findings(collect(tree))
+    # small → full: each at its own best LR, divergences over the whole grid
+    assert row(block, "toy", "Adam", "1e-3 → 1e-2", "0.62 → 0.47", "43.0 % → 58.0 %", "0/2 → 0/6")
+    assert row(block, "toy", "LEHI", "1e-2 → 1e-3", "0.67 → 0.42", "38.0 % → 63.0 %", "1/4 → 1/6")
+    # the reading only the ablations run; the ablation's Adam is the tuning sweep's row
+    assert row(block, "toy (ablation)", "lehi_update_clip", "1e-2 → 1e-3", "0.65 → 0.45")
+    assert not any(line.startswith("| toy (ablation) | Adam |") for line in block.splitlines())
 
 
 def test_a_changed_run_changes_the_block(tree):

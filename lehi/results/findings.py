@@ -4,7 +4,8 @@
 :data:`END` with :func:`render_findings`, so a regenerated results tree never leaves the
 README's numbers behind. Every number comes from :func:`lehi.results.collect`'s tables (the
 definitions are :mod:`lehi.results`'): per workload each optimizer's best learning rate, final
-validation loss and metric, divergences and Welch's test against Adam; the ablation's
+validation loss and metric, divergences and Welch's test against Adam; the same at the small
+and the full budget side by side, where a preset has both; the ablation's
 stable learning rates and best losses per reading; and the measured step cost and time to
 target against Adam.
 """
@@ -133,6 +134,60 @@ def _ablation(results: Results) -> list[str]:
     ]
 
 
+#: The suffix of a preset's CPU variant (experiments/<name>_small.yaml).
+SMALL_SUFFIX = "_small"
+
+
+def _scale_pairs(results: Results) -> list[tuple[dict[str, str], dict[str, str], bool]]:
+    """(small, full, is_ablation) for each experiment present at both scales: the tuning
+    sweeps, and the ablations (which add the readings a tuning sweep does not run)."""
+    by_name = {e["experiment"]: e for e in results.experiments()}
+    pairs = []
+    for name, full in by_name.items():
+        small = by_name.get(name + SMALL_SUFFIX)
+        if small is not None and not name.startswith("confirm_"):
+            pairs.append((small, full, is_ablation(name)))
+    return sorted(pairs, key=lambda p: (p[1]["experiment"].removeprefix("ablation_"), p[2]))
+
+
+def _scales(results: Results) -> list[str]:
+    rows, shown = [], set()
+    for small, full, ablation in _scale_pairs(results):
+        workload = full["experiment"].removeprefix("ablation_")
+        at = {
+            scale: {
+                r["optimizer"]: r for r in select_experiment(results.best, e).to_dict("records")
+            }
+            for scale, e in (("small", small), ("full", full))
+        }
+        for label, f in at["full"].items():
+            s = at["small"].get(label)
+            if s is None or (workload, label) in shown:
+                continue  # an ablation's references are the tuning sweep's rows already
+            shown.add((workload, label))
+            rows.append(
+                [
+                    workload + (" (ablation)" if ablation else ""),
+                    label_of(f),
+                    f"{lr_text(s['lr'])} → {lr_text(f['lr'])}",
+                    f"{fmt(s['val_loss_mean'], '.3g')} → {fmt(f['val_loss_mean'], '.3g')}",
+                    f"{_metric(s['metric_mean'], small['metric_name'])} → "
+                    f"{_metric(f['metric_mean'], full['metric_name'])}",
+                    f"{s['n_diverged_total']}/{s['n_runs_total']} → "
+                    f"{f['n_diverged_total']}/{f['n_runs_total']}",
+                ]
+            )
+    if not rows:
+        return []
+    header = ["workload", "optimizer", "best lr", "final val loss", "val metric", "diverged / runs"]
+    return [
+        "Small against full budget (small → full; tuning seeds, each optimizer at its own best "
+        "LR; the full presets run 3 seeds over 9 LRs, the small ones 2 over 7):",
+        "",
+        *table(header, rows),
+    ]
+
+
 def _steps(value: float) -> str:
     """A mean step count to the nearest step (half up: 106.5 → 107)."""
     return f"{math.floor(value + 0.5):,}" if math.isfinite(value) else "—"
@@ -230,7 +285,13 @@ def _verdicts(results: Results) -> list[str]:
 
 def render_findings(results: Results) -> str:
     """The findings block (markers included) for ``results``."""
-    parts = (_verdicts(results), _workloads(results), _ablation(results), _cost(results))
+    parts = (
+        _verdicts(results),
+        _workloads(results),
+        _scales(results),
+        _ablation(results),
+        _cost(results),
+    )
     sections = [s for s in parts if s]
     body = [line for section in sections for line in (*section, "")]
     return "\n".join([BEGIN, _NOTE, "", *body, END])
