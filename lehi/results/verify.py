@@ -272,9 +272,10 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 # ----------------------------------------------------------------------------- compare
 #: torch's x86 CPU kernel levels, lowest first. A CPU runs every level up to its own, and
 #: ``ATEN_CPU_CAPABILITY=<level>`` makes torch dispatch that level's kernels. Measured: an
-#: AVX512 AMD EPYC pinned to avx2 replays runs made on an AVX2 AMD EPYC bit for bit (every
-#: row of confirm_mnist_small's LEHIBrid and AdamW runs), where unpinned the first validation
-#: loss already differs (2.3168596982955934 recorded, 2.316859769821167 replayed).
+#: AVX512 AMD EPYC pinned to avx2 replays runs made on an AVX2 AMD EPYC bit for bit (all 157
+#: rows of a confirm_mnist_small LEHIBrid run, the 20-row prefix of an AdamW one), where
+#: unpinned the first validation loss already differs (2.3168596982955934 recorded,
+#: 2.316859769821167 replayed).
 CAPABILITY_LEVELS = ("DEFAULT", "AVX2", "AVX512")
 
 
