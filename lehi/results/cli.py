@@ -13,6 +13,7 @@ experiment's runs at HEAD and compares their rows (exit 1 when one differs).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -104,7 +105,14 @@ def _verify(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--no-write", action="store_true", help="do not write verified.json")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
+
+    def done(v: verify.Verification) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        print(f"{v.line()} [{now - last:.0f} s]", flush=True)
+        last = now
+
     try:
         results = verify.verify(
             args.root,
@@ -113,12 +121,16 @@ def _verify(argv: Sequence[str]) -> int:
             jobs=max(1, args.jobs),
             prefix_every=max(1, args.prefix_every),
             write=not args.no_write,
-            on_done=lambda v: print(v.line(), flush=True),
+            on_done=done,
         )
     except verify.VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"verify: {len(results)} experiment(s) in {time.perf_counter() - start:.0f} s")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"verify: {len(results)} experiment(s) in {time.perf_counter() - start:.0f} s "
+        f"(load average now {load})"
+    )
     return 0 if all(v.ok for v in results) else 1
 
 
