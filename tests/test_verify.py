@@ -110,7 +110,9 @@ def test_replay_capability_needs_the_recorded_kernels_within_reach():
     reason="needs a CPU with vectorised kernels above torch's baseline",
 )
 def test_a_run_made_under_lower_cpu_kernels_replays_exactly_when_pinned_to_them(tmp_path: Path):
-    # Made as on a CPU without AVX2: torch's baseline kernels, recorded in env.json.
+    # Made as on a CPU without AVX2: torch's baseline kernels, recorded in env.json; and, as
+    # in a sweep worker, on the one thread its process allowed while its config left the
+    # count to torch.
     results = tmp_path / "results"
     command = [
         sys.executable,
@@ -118,17 +120,25 @@ def test_a_run_made_under_lower_cpu_kernels_replays_exactly_when_pinned_to_them(
         "experiment.name=pinned",
         "model=mlp_small",
         "trainer.epochs=2",
-        "trainer.threads=1",
+        "trainer.threads=null",
         "logger=files",
         f"paths.results_dir={results}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", V.CAPABILITY_VARIABLE: "default"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        V.CAPABILITY_VARIABLE: "default",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = next(results.rglob("summary.json")).parent
-    assert json.loads((folder / "env.json").read_text())["cpu_capability"] == "DEFAULT"
+    recorded = json.loads((folder / "env.json").read_text())
+    assert recorded["cpu_capability"] == "DEFAULT" and recorded["num_threads"] == 1
     run = str(folder.relative_to(results))
+    config, changed = V._replay_config(folder, "pinned", "data", str(tmp_path / "x"), "full")
+    assert changed is None and config["trainer"]["threads"] == 1  # the count the run used
 
     replays = [V.Replay(run, "adam", "full")]
     verification, _ = V.replay_all(

@@ -382,9 +382,16 @@ def _replay_config(
 ) -> tuple[dict[str, Any], str | None]:
     """HEAD's config for the run in ``path``, pointed at ``scratch``, and the first identity
     key where it differs from the recorded config (None when it does not)."""
-    recorded = record.RunRecord(path).read_config() or {}
+    rec = record.RunRecord(path)
+    recorded = rec.read_config() or {}
     config = compose_at_head(experiment, recorded, data_dir)
     changed = first_difference(record.identity(recorded), record.identity(config))
+    # The thread count the run used (env.json), whatever its config left to torch: matrix
+    # products split their sums by thread, so a run made in a 1-thread sweep worker replays
+    # bit for bit only on one thread (measured on mnist: row 3 differs in the 8th digit on 2).
+    threads = (rec.read_env() or {}).get("num_threads")
+    if isinstance(threads, int) and threads > 0:
+        config["trainer"]["threads"] = threads  # not part of the identity
     config["paths"].update(results_dir=scratch, run_dir=None)
     config["logger"] = {**config["logger"], "name": "files", "mode": "disabled"}
     config["trainer"].update(progress=False, force=True, resume=False)
