@@ -83,7 +83,10 @@ def save(fig: Figure, out: Path, stem: str) -> list[Path]:
         path = out / f"{stem}.{fmt}"
         # No creation dates or software versions: the same results give the same bytes.
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(buffer := io.BytesIO(), format=fmt, dpi=DPI, metadata=metadata)
+        # Tight: a title with the whole experiment heading is wider than the axes it sits on.
+        fig.savefig(
+            buffer := io.BytesIO(), format=fmt, dpi=DPI, metadata=metadata, bbox_inches="tight"
+        )
         atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     return paths
