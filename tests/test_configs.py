@@ -85,6 +85,7 @@ PARTIAL_ABLATIONS = {
     # full scale: the stable reading, tuned for the confirmation
     "ablation_mnist": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
     "ablation_protein": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
+    "ablation_cifar10_small": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
 }  # fmt: skip
 
 
