@@ -82,10 +82,11 @@ PARTIAL_ABLATIONS = {
     # 6 min a run: the readings that bound the step
     "ablation_ptb_small": {"adam", "lehi", "lehi_eps_inside", "lehi_floor_clip",
                            "lehi_update_clip", "lehibrid"},
-    # full scale: the stable reading, tuned for the confirmation
+    # the stable reading, tuned for the confirmation (full scale, CNN and the decoder)
     "ablation_mnist": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
     "ablation_protein": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
     "ablation_cifar10_small": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
+    "ablation_fineweb_small": {"adam", "lehi", "lehibrid", "lehi_update_clip"},
 }  # fmt: skip
 
 
