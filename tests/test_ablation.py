@@ -287,6 +287,19 @@ def test_zero_h_matches_the_first_step_rule(digits_steps: list[zero_h.LayerStep]
         torch.testing.assert_close(s.ratio(), expected, rtol=2e-3, atol=5e-5)
 
 
+def test_zero_h_compares_first_steps_at_the_same_warmed_up_learning_rate() -> None:
+    # Under a warm-up the run's first step is taken at a fraction of the base LR; Adam must step
+    # at that LR too, or the ratio measures the schedule instead of the curvature.
+    # 1 epoch of 23 steps, 3 of warm-up: the first step at a third of the base LR (a smaller
+    # fraction would leave the float32 difference of the weights too coarse to measure it)
+    warm = ["trainer.epochs=1", "trainer.schedule=cosine", "trainer.warmup_fraction=0.15"]
+    for s in zero_h.first_step("ablation_digits", seed=0, extra=warm):
+        moved = s.adam_delta != 0
+        g, h = s.grad[moved].double(), s.h[moved].double()
+        expected = (g.abs() + s.eps) / (h.sqrt() + s.eps)
+        torch.testing.assert_close(s.ratio(), expected, rtol=2e-3, atol=5e-5)
+
+
 def test_zero_h_zero_inputs_give_exact_zeros(digits_steps: list[zero_h.LayerStep]) -> None:
     # A pixel that is 0 in every image of the batch sends nothing to the first layer's
     # column: both its gradient and its h are exactly 0 (harmless: the step is 0 too).

@@ -4,7 +4,7 @@
         [--seeds 0 1 2 3 4]
 
 For each ablation dataset's model (digits MLP, MNIST MLP, CASP MLP; the PTB LSTM of
-``ptb_small`` too when ``DIR/ptb`` exists), model and LEHI are built exactly as a run of
+``ptb_small`` and ``fineweb_small`` too when ``DIR/ptb``, ``DIR/fineweb`` exist), model and LEHI are built exactly as a run of
 ``experiment=ablation_<d> reading=lehi`` builds them (:func:`lehi.runner.plan` and
 :func:`lehi.runner.build`; nothing is written), on the run's first training batch:
 
@@ -15,7 +15,8 @@ For each ablation dataset's model (digits MLP, MNIST MLP, CASP MLP; the PTB LSTM
   the zero is harmless, so the fraction with h = 0 but g ≠ 0 is reported too.
 - **first step vs Adam**: |Δw_LEHI| / |Δw_Adam| per coordinate, where Δw_LEHI is the step LEHI
   takes and Δw_Adam the step torch's Adam (the ``adam`` reading's config) takes from the same
-  weights and the same gradient (after the run's gradient clipping, if any); with bias
+  weights and the same gradient (after the run's gradient clipping, if any) at the same learning
+  rate (the run's first, which a warm-up puts below the base LR); with bias
   correction this is (|g| + ε) / (√h + ε). Coordinates where Adam does not move (g = 0) are
   left out.
 
@@ -56,8 +57,8 @@ __all__ = [
 
 #: The ablation datasets (experiments/ablation_<d>.yaml).
 DATASETS = ("digits", "mnist_small", "protein_small")
-#: Language model, measured only when its data is at hand (PTB has no ablation preset).
-PTB_EXPERIMENT = "ptb_small"
+#: The language models, each measured only when its data folder (under paths.data_dir) is at hand.
+LANGUAGE_MODELS = {"ptb_small": "ptb", "fineweb_small": "fineweb"}
 COLUMNS = (
     "experiment",
     "dataset",
@@ -110,18 +111,21 @@ class LayerStep:
 
 
 def experiments(data_dir: str | Path | None) -> list[str]:
-    """The experiments to measure: the ablation presets, plus ptb_small if DIR/ptb exists."""
+    """The experiments to measure: the ablation presets, plus each language model whose data
+    folder is in ``data_dir``."""
     names = [f"ablation_{d}" for d in DATASETS]
-    if data_dir is not None and (Path(data_dir) / "ptb").is_dir():
-        names.append(PTB_EXPERIMENT)
+    if data_dir is not None:
+        names += [e for e, d in LANGUAGE_MODELS.items() if (Path(data_dir) / d).is_dir()]
     return names
 
 
-def _overrides(experiment: str, reading: str, seed: int, data_dir: str | Path | None) -> list[str]:
+def _overrides(
+    experiment: str, reading: str, seed: int, data_dir: str | Path | None, extra: Sequence[str]
+) -> list[str]:
     out = [f"experiment={experiment}", f"reading={reading}", f"seed={seed}", "logger=files"]
     if data_dir is not None:
         out.append(f"paths.data_dir={data_dir}")
-    return out
+    return [*out, *extra]
 
 
 def _check_plain(opt: torch.optim.Optimizer) -> LEHI:
@@ -134,18 +138,27 @@ def _check_plain(opt: torch.optim.Optimizer) -> LEHI:
     return opt
 
 
-def first_step(experiment: str, seed: int, data_dir: str | Path | None = None) -> list[LayerStep]:
-    """LEHI's and Adam's first steps on the first training batch of ``experiment``'s run."""
-    p = plan(compose(_overrides(experiment, "lehi", seed, data_dir)))
+def first_step(
+    experiment: str, seed: int, data_dir: str | Path | None = None, extra: Sequence[str] = ()
+) -> list[LayerStep]:
+    """LEHI's and Adam's first steps on the first training batch of ``experiment``'s run
+    (``extra``: further Hydra overrides of both runs)."""
+    p = plan(compose(_overrides(experiment, "lehi", seed, data_dir, extra)))
     built = build(p)
     trainer, model = built.trainer, built.model
     opt = _check_plain(trainer.optimizer)
-    adam_cfg = compose(_overrides(experiment, "adam", seed, data_dir))["optimizer"]
+    adam_cfg = compose(_overrides(experiment, "adam", seed, data_dir, extra))["optimizer"]
     adam_model = copy.deepcopy(model)
     bundle = trainer.bundle
     adam = build_optimizer(
         adam_cfg, adam_model, loss=bundle.loss, ignore_index=bundle.ignore_index, seed=seed
     )
+    # Both take the run's first step at its first learning rate (a warm-up starts below the
+    # base LR, and the trainer's scheduler has already set LEHI's groups to it).
+    if len(adam.param_groups) != len(opt.param_groups):
+        raise ValueError(f"{experiment}: Adam and LEHI group the parameters differently")
+    for adam_group, lehi_group in zip(adam.param_groups, opt.param_groups, strict=True):
+        adam_group["lr"] = lehi_group["lr"]
     x, y = next(iter(bundle.train.iter_epoch(0, p.seed)))
     model.train()
     opt.zero_grad(set_to_none=True)
