@@ -105,6 +105,25 @@ def test_replay_capability_needs_the_recorded_kernels_within_reach():
     assert V.replay_capability({**here, "cpu_capability": "VSX"}, here) is None
 
 
+def _worker_kernels() -> tuple[str, str | None]:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR")
+
+
+@pytest.mark.skipif(
+    machine()["cpu_capability"] not in V.CAPABILITY_LEVELS[1:],
+    reason="needs a CPU with vectorised kernels above torch's baseline",
+)
+def test_replay_workers_start_under_the_kernels_they_are_given_and_the_parent_keeps_its_own():
+    before = {name: os.environ.get(name) for name in V.ROUNDING_ENV}
+    with V._spawn_pool(1, V.ROUNDING_ENV) as pool:
+        assert pool.apply(_worker_kernels) == ("DEFAULT", "COMPATIBLE")
+    with V._spawn_pool(1, {}) as pool:
+        assert pool.apply(_worker_kernels) == (machine()["cpu_capability"], before["MKL_CBWR"])
+    assert {name: os.environ.get(name) for name in V.ROUNDING_ENV} == before
+
+
 @pytest.mark.skipif(
     machine()["cpu_capability"] not in V.CAPABILITY_LEVELS[1:],
     reason="needs a CPU with vectorised kernels above torch's baseline",

@@ -463,21 +463,15 @@ ROUNDING_ENV = {CAPABILITY_VARIABLE: "default", "MKL_CBWR": "COMPATIBLE"}
 ROUNDING_THREADS = 2
 
 
-def _rounding_worker() -> None:
-    import logging
-    import os
-
-    os.environ.update(ROUNDING_ENV)  # before this worker first imports torch
-    logging.getLogger("lehi").setLevel(logging.WARNING)
-
-
 def _rounding_task(task: dict[str, Any]) -> str | None:
     """Train the run again under :data:`ROUNDING_ENV`; its folder, or None if it failed."""
+    import logging
     import warnings
 
     from lehi.runner import BAD_INPUT, RunFailed
     from lehi.runner import run as train
 
+    logging.getLogger("lehi").setLevel(logging.WARNING)
     try:
         config, _ = _replay_config(
             task["path"], task["experiment"], task["data_dir"], task["scratch"], task["mode"]
@@ -658,9 +652,9 @@ def replay_all(
         if capability in ("", here["cpu_capability"]) and (jobs == 1 or len(group) == 1):
             done = [_replay_task(t) for t in group]
         else:
-            with _kernels(capability or None):  # inherited by the workers as they start
-                with multiprocessing.get_context("spawn").Pool(min(jobs, len(group))) as pool:
-                    done = pool.map(_replay_task, group, chunksize=1)
+            pinned = {CAPABILITY_VARIABLE: capability.lower()} if capability else {}
+            with _spawn_pool(min(jobs, len(group)), pinned) as pool:
+                done = pool.map(_replay_task, group, chunksize=1)
         outcomes.update((o["run"], Outcome(**o)) for o in done)
     ordered = [outcomes[t["run"]] for t in tasks]
     if not exact:
@@ -672,21 +666,21 @@ def replay_all(
 
 
 @contextlib.contextmanager
-def _kernels(capability: str | None) -> Iterator[None]:
-    """``ATEN_CPU_CAPABILITY`` set to ``capability`` (unchanged for None) for processes
-    started inside the block."""
-    if capability is None:
-        yield
-        return
-    before = os.environ.get(CAPABILITY_VARIABLE)
-    os.environ[CAPABILITY_VARIABLE] = capability.lower()
+def _spawn_pool(processes: int, environment: Mapping[str, str]) -> Iterator[Any]:
+    """A pool of fresh (spawned) workers that start with ``environment`` added to this
+    process's: the kernels a worker's torch uses are fixed by variables it reads before its
+    first import of torch, so they are set here, in the parent, while the workers start."""
+    before = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
-        yield
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            yield pool
     finally:
-        if before is None:
-            os.environ.pop(CAPABILITY_VARIABLE, None)
-        else:
-            os.environ[CAPABILITY_VARIABLE] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _horizon_pass(
@@ -698,8 +692,7 @@ def _horizon_pass(
     if not pending:
         return
     work = [{**t, "scratch": str(scratch / t["experiment"])} for _, t in pending]
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(max(1, min(jobs, len(work))), initializer=_rounding_worker) as pool:
+    with _spawn_pool(max(1, min(jobs, len(work))), ROUNDING_ENV) as pool:
         dirs = pool.map(_rounding_task, work, chunksize=1)
     for (outcome, task), rounding_dir in zip(pending, dirs, strict=True):
         _within_horizon(outcome, task, rounding_dir)
