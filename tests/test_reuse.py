@@ -86,7 +86,9 @@ def test_a_run_that_computed_something_else_or_came_from_a_dirty_tree_is_not_ado
     assert "reused_from" not in summary and summary["status"] == "completed"
 
 
-@pytest.mark.parametrize("main", ["ptb_small", "mnist", "protein", "cifar10_small", "fineweb_small"])
+@pytest.mark.parametrize(
+    "main", ["ptb_small", "mnist", "protein", "cifar10_small", "fineweb_small"]
+)
 @pytest.mark.parametrize("reading", ["adam", "lehi", "lehibrid"])
 def test_an_ablations_reference_readings_compute_its_main_sweeps_runs(reading, main):
     from lehi.reuse import computation
