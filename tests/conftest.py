@@ -41,7 +41,7 @@ MUTATION_TESTS = {
     "lehi.record.": ("test_identity_property.py", "test_run_identity.py"),
     "lehi.divergence.": ("test_divergence.py",),
     "lehi.summary.": ("test_divergence.py", "test_run_identity.py"),
-    "lehi.results.": ("test_results.py",),
+    "lehi.results.": ("test_results.py", "test_verdicts.py"),
 }
 
 
