@@ -56,6 +56,7 @@ def test_verdicts_and_figures_from_hand_made_tuning_and_confirmation_runs(tmp_pa
     from helpers.results import write_run
 
     from lehi.results import collect
+    from lehi.results.verdict_report import render_markdown
     from plots import verdicts as P
 
     root = tmp_path / "results"
@@ -76,4 +77,4 @@ def test_verdicts_and_figures_from_hand_made_tuning_and_confirmation_runs(tmp_pa
     paths = P.make(results, tmp_path / "figures")
     names = {p.name for p in paths}
     assert {"tuning_budget_toy.png", "performance_profile.png"} <= names
-    assert "| toy | LEHI | Adam |" in V.render_markdown(results)
+    assert "| toy | LEHI | Adam |" in render_markdown(results)

@@ -14,7 +14,7 @@ from lehi.results.ablation import write_ablation
 from lehi.results.markdown import experiment_heading, fmt, label_of, pm, scale_label, table
 from lehi.results.stats import select_experiment
 from lehi.results.tables import Results, collect
-from lehi.results.verdicts import write_verdicts
+from lehi.results.verdict_report import write_verdicts
 
 METRIC_LABELS = {"accuracy": "accuracy", "rmse": "RMSE (Å)", "perplexity": "perplexity"}
 NO_RESULTS_HINT = "run `make sweep EXP=digits` first (any experiment works), then `make figures`"
@@ -230,7 +230,7 @@ def write_summary(
     """Write ``<root>/summary.csv`` (best-LR rows), ``<root>/significance.csv`` and
     ``<root>/summary.md``, each atomically, and with ablation experiments
     ``<root>/ablation.{csv,md}`` (:mod:`lehi.results.ablation`), with confirmation runs
-    ``<root>/verdicts.{csv,md}`` (:mod:`lehi.results.verdicts`); returns their paths.
+    ``<root>/verdicts.{csv,md}`` (:mod:`lehi.results.verdict_report`); returns their paths.
 
     Pass ``results`` (from :func:`collect`) to reuse tables already computed. Raises
     FileNotFoundError when there is no finished run under ``root``.
