@@ -98,7 +98,7 @@ mutate: $(VENV)/bin/mutmut
 	$(VENV)/bin/mutmut results
 
 # Exact zeros of h at LEHI's first step, per layer, and its first step against Adam's on the
-# ablation datasets (+ PTB when its data is there); CPU, under a minute:
+# ablation datasets (+ PTB and FineWeb small when their data is there); CPU, under a minute:
 # $(RESULTS)/ablation_zero_h.{csv,md}. ARGS="--data-dir DIR --seeds 0 1 2" to change either.
 .PHONY: zero-h
 zero-h: $(STAMP)
