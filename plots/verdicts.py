@@ -25,12 +25,9 @@ from matplotlib.figure import Figure
 
 from lehi.results import Results
 from lehi.results import verdicts as V
+from lehi.results.confirm import optimizer_name
 from plots import common
 from plots.style import color, label, save
-
-
-def _name(reading: str) -> str:
-    return "lehi" if reading.startswith("lehi_") else reading
 
 
 def tuning_budget_figure(budget, workload: str) -> Figure:
@@ -39,9 +36,9 @@ def tuning_budget_figure(budget, workload: str) -> Figure:
     rows = budget[budget["workload"] == workload]
     for reading, g in rows.groupby("reading", sort=False):
         style = "--" if reading == "lehi_update_clip" else "-"
-        c = color(_name(reading))
+        c = color(optimizer_name(reading))
         ax.plot(g["k"], g["expected_best"], style, marker="o", ms=3, color=c,
-                label=f"{label(reading, _name(reading))} ({g['tuning_experiment'].iloc[0]})")  # fmt: skip
+                label=f"{label(reading, optimizer_name(reading))} ({g['tuning_experiment'].iloc[0]})")  # fmt: skip
         ax.fill_between(g["k"], g["low"], g["high"], color=c, alpha=0.15, lw=0)
     ax.set_xlabel("LR trials drawn from the tuning grid (k)")
     ax.set_ylabel("expected best final val loss")
@@ -62,8 +59,8 @@ def profile_figure(times) -> Figure:
             ratios = np.array(list(r["ratios"].values()), dtype=float)
             rho = [(ratios <= t).mean() for t in taus]
             style = "--" if r["reading"] == "lehi_update_clip" else "-"
-            ax.step(taus, rho, style, where="post", color=color(_name(r["reading"])),
-                    label=f"{label(r['reading'], _name(r['reading']))}: {r['score']:.2f}")  # fmt: skip
+            ax.step(taus, rho, style, where="post", color=color(optimizer_name(r["reading"])),
+                    label=f"{label(r['reading'], optimizer_name(r['reading']))}: {r['score']:.2f}")  # fmt: skip
         ax.set_xlabel("τ (ratio to the best reading on a workload)")
         ax.set_title(f"{measure} to target (score = area / {V.R_MAX - 1:g})", fontsize="small")
         ax.legend(fontsize="x-small", loc="lower right")

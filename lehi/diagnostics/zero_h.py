@@ -4,8 +4,9 @@
         [--seeds 0 1 2 3 4]
 
 For each ablation dataset's model (digits MLP, MNIST MLP, CASP MLP; the PTB LSTM of
-``ptb_small`` and ``fineweb_small`` too when ``DIR/ptb``, ``DIR/fineweb`` exist), model and LEHI are built exactly as a run of
-``experiment=ablation_<d> reading=lehi`` builds them (:func:`lehi.runner.plan` and
+``ptb_small`` and the decoder of ``fineweb_small`` too when ``DIR/ptb``, ``DIR/fineweb``
+exist), model and LEHI are built exactly as a run of ``experiment=ablation_<d> reading=lehi``
+builds them (:func:`lehi.runner.plan` and
 :func:`lehi.runner.build`; nothing is written), on the run's first training batch:
 
 - **h**: after the first curvature refresh (``lehi.optim.backward``) the EMA holds
@@ -15,8 +16,8 @@ For each ablation dataset's model (digits MLP, MNIST MLP, CASP MLP; the PTB LSTM
   the zero is harmless, so the fraction with h = 0 but g ≠ 0 is reported too.
 - **first step vs Adam**: |Δw_LEHI| / |Δw_Adam| per coordinate, where Δw_LEHI is the step LEHI
   takes and Δw_Adam the step torch's Adam (the ``adam`` reading's config) takes from the same
-  weights and the same gradient (after the run's gradient clipping, if any) at the same learning
-  rate (the run's first, which a warm-up puts below the base LR); with bias
+  weights and the same gradient (after the run's gradient clipping, if any) at the same
+  learning rate (the run's first, which a warm-up puts below the base LR); with bias
   correction this is (|g| + ε) / (√h + ε). Coordinates where Adam does not move (g = 0) are
   left out.
 

@@ -2,11 +2,13 @@
 
 Modules: :mod:`~lehi.results.store` reads runs and metrics through the run record
 (:mod:`lehi.record`); :mod:`~lehi.results.stats`, :mod:`~lehi.results.significance` and
-:mod:`~lehi.results.verdicts` compute every number a table or figure shows; :mod:`~lehi.results.tables` computes them once
-(:func:`collect`); :mod:`~lehi.results.report` renders Markdown (from :mod:`~lehi.results.markdown`'s
-blocks; :mod:`~lehi.results.verdict_report` the verdicts); :mod:`~lehi.results.stepcost` owns step_cost.json; :mod:`~lehi.results.provenance` says
-which runs are current at HEAD and :mod:`~lehi.results.verify` replays a sample of them to find out;
-:mod:`~lehi.results.cli` is ``python -m lehi.results``.
+:mod:`~lehi.results.verdicts` compute every number a table or figure shows;
+:mod:`~lehi.results.tables` computes them once (:func:`collect`); :mod:`~lehi.results.report`
+renders Markdown (from :mod:`~lehi.results.markdown`'s blocks;
+:mod:`~lehi.results.verdict_report` the verdicts); :mod:`~lehi.results.stepcost` owns
+step_cost.json; :mod:`~lehi.results.provenance` says which runs are current at HEAD and
+:mod:`~lehi.results.verify` replays a sample of them to find out; :mod:`~lehi.results.cli` is
+``python -m lehi.results``.
 
 Definitions used by every table and figure:
 

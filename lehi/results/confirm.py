@@ -24,7 +24,14 @@ import yaml
 
 from lehi.results.tables import Results, collect
 
-__all__ = ["CONFIRM_READINGS", "CONFIRM_SEEDS", "confirm_name", "preset", "tuned_lrs"]
+__all__ = [
+    "CONFIRM_READINGS",
+    "CONFIRM_SEEDS",
+    "confirm_name",
+    "optimizer_name",
+    "preset",
+    "tuned_lrs",
+]
 
 #: The readings confirmed (conf/reading/): the five optimizers and the ablation's stable one.
 CONFIRM_READINGS = ("adam", "adamw", "lehi", "lehibrid", "sophia", "lehi_update_clip")
@@ -40,6 +47,12 @@ RULE = (
 
 class TuneError(ValueError):
     """A workload that cannot be tuned; the message is one line."""
+
+
+def optimizer_name(reading: str) -> str:
+    """The optimizer a reading runs (its conf/reading/ preset's ``optimizer.name``): the
+    ``lehi_*`` readings are LEHI under one of its options."""
+    return "lehi" if reading.startswith("lehi_") else reading
 
 
 def confirm_name(experiment: str) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from lehi import roster
 from lehi.io import atomic_write_text
+from lehi.results.confirm import optimizer_name
+from lehi.results.markdown import fmt
 from lehi.results.markdown import table as markdown_table
 from lehi.results.tables import Results
 from lehi.results.verdicts import (
@@ -20,10 +22,6 @@ from lehi.results.verdicts import (
 )
 
 __all__ = ["render_markdown", "write_verdicts"]
-
-
-def _fmt(x: float, spec: str = ".3g") -> str:
-    return "—" if not isinstance(x, float | int) or not math.isfinite(x) else format(x, spec)
 
 
 def render_markdown(results: Results) -> str:
@@ -61,17 +59,17 @@ def render_markdown(results: Results) -> str:
         body.append(
             [
                 r["workload"],
-                roster.display_label(r["candidate"], _name(r["candidate"])),
+                roster.display_label(r["candidate"], optimizer_name(r["candidate"])),
                 roster.display_label(r["baseline"], r["baseline"]),
                 f"{r['n']} ({r['n_diverged']}) vs {r['n_baseline']} ({r['n_diverged_baseline']})",
-                _fmt(r["candidate_mean"], ".4g"),
-                _fmt(r["baseline_mean"], ".4g"),
-                f"{_fmt(r['mean_diff'], '+.3g')} [{_fmt(r['ci_low'], '+.3g')}, "
-                f"{_fmt(r['ci_high'], '+.3g')}]",
-                _fmt(r["p_improvement"], ".2f"),
-                _fmt(r["welch_p_holm"], ".2g"),
-                _fmt(r["mwu_p_holm"], ".2g"),
-                _fmt(r["detectable"], ".2g"),
+                fmt(r["candidate_mean"], ".4g"),
+                fmt(r["baseline_mean"], ".4g"),
+                f"{fmt(r['mean_diff'], '+.3g')} [{fmt(r['ci_low'], '+.3g')}, "
+                f"{fmt(r['ci_high'], '+.3g')}]",
+                fmt(r["p_improvement"], ".2f"),
+                fmt(r["welch_p_holm"], ".2g"),
+                fmt(r["mwu_p_holm"], ".2g"),
+                fmt(r["detectable"], ".2g"),
                 r["verdict"],
             ]
         )
@@ -91,8 +89,8 @@ def render_markdown(results: Results) -> str:
         for (workload, reading), g in budget.groupby(["workload", "reading"], sort=False):
             at = g.set_index("k")
             cells = [
-                f"{_fmt(at.loc[k, 'expected_best'], '.4g')} [{_fmt(at.loc[k, 'low'], '.3g')}, "
-                f"{_fmt(at.loc[k, 'high'], '.3g')}]"
+                f"{fmt(at.loc[k, 'expected_best'], '.4g')} [{fmt(at.loc[k, 'low'], '.3g')}, "
+                f"{fmt(at.loc[k, 'high'], '.3g')}]"
                 if k in at.index
                 else "—"
                 for k in (1, 3)
@@ -119,16 +117,12 @@ def render_markdown(results: Results) -> str:
             score_rows.append(
                 [
                     reading,
-                    _fmt(by.get("time", math.nan), ".2f"),
-                    _fmt(by.get("steps", math.nan), ".2f"),
+                    fmt(by.get("time", math.nan), ".2f"),
+                    fmt(by.get("steps", math.nan), ".2f"),
                 ]
             )
         lines += markdown_table(["reading", "score (time)", "score (steps)"], score_rows)
     return "\n".join(lines) + "\n"
-
-
-def _name(label: str) -> str:
-    return "lehi" if label.startswith("lehi_") else label
 
 
 def write_verdicts(root: str | Path, results: Results) -> list[Path]:
