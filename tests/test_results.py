@@ -358,9 +358,14 @@ def test_summary_reports_last_eval_and_commits(tree: Path) -> None:
 
 
 def git_head() -> str:
+    """HEAD's commit; skips outside a git checkout, and where lehi/ is not at the checkout's
+    root (mutmut's copy under mutants/), since the training-code pathspecs are root-relative."""
     head = record.git("rev-parse", "HEAD")
     if head is None:
         pytest.skip("not a git checkout")
+    top = record.git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != record.REPO:
+        pytest.skip(f"lehi/ is not at the root of the checkout {top}")
     return head
 
 
