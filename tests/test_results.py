@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from scipy import stats
 from lehi import record, roster
 from lehi import results as R
 from lehi.results import provenance, stepcost
+from lehi.results.significance import SIGNIFICANCE_COLUMNS
 
 # (optimizer, lr) -> bases per seed; None = that seed diverged
 GRID = {
@@ -231,6 +233,41 @@ def test_compare_small_samples() -> None:
     assert math.isnan(out["welch_p"]) and math.isnan(out["hedges_g"])
     same = R.compare([0.5, 0.5], [0.5, 0.5])  # zero variance: undefined, not a crash
     assert math.isnan(same["cohen_d"]) and same["mean_diff"] == 0
+
+
+def welch_t_by_hand(x: list[float], y: list[float]) -> float:
+    return (np.mean(x) - np.mean(y)) / math.sqrt(
+        np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)
+    )
+
+
+def mann_whitney_u_by_hand(x: list[float], y: list[float]) -> float:
+    """U of ``x``: the pairs (x_i, y_j) with x_i > y_j, ties counting one half."""
+    return sum((a > b) + 0.5 * (a == b) for a in x for b in y)
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [([0.9, 1.3], [0.2, 0.5]), ([0.9, 1.3, 0.4], [0.2, 0.5]), ([0.2, 0.5], [0.9, 0.4, 1.3])],
+)
+def test_compare_gives_textbook_statistics_from_two_values_a_side(x, y) -> None:
+    # two values a side is the smallest sample the tests are defined on, either side
+    out = R.compare(x, y)
+    assert (out["n"], out["n_baseline"]) == (len(x), len(y))
+    assert out["welch_t"] == pytest.approx(welch_t_by_hand(x, y))
+    assert out["mwu_u"] == mann_whitney_u_by_hand(x, y)
+    assert 0 < out["welch_p"] <= 1 and 0 < out["mwu_p"] <= 1
+    if (len(x), len(y)) == (2, 2):  # U = 4 of 4 pairs: the exact two-sided p is 2 / C(4, 2)
+        assert out["mwu_p"] == pytest.approx(1 / 3)
+
+
+def test_compare_with_an_empty_sample_is_all_nan_and_quiet() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mean of an empty array behind the NaN
+        out = R.compare([], [0.4, 0.6])
+    assert (out["n"], out["n_baseline"]) == (0, 2)
+    assert all(math.isnan(v) for k, v in out.items() if k not in ("n", "n_baseline"))
+    assert set(out) == set(SIGNIFICANCE_COLUMNS[7:])
 
 
 def test_write_summary(tree: Path) -> None:

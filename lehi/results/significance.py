@@ -70,11 +70,14 @@ def compare(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
 
 
 def significance(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
-    """Each candidate vs each baseline (roster roles), both at their best LR, per experiment."""
+    """Each candidate vs each baseline (roster roles), both at their best LR, per experiment.
+
+    Rows follow ``best``'s order (:func:`lehi.results.stats.best_lrs`: by experiment, then
+    roster order), candidates outer, baselines inner.
+    """
     rows = []
     for key, group in best.groupby(list(EXP_KEYS), sort=False):
         usable = [r for r in group.to_dict("records") if math.isfinite(r["lr"])]
-        usable.sort(key=lambda r: roster.rank(r["optimizer"], r["optimizer_name"]))
         cands = [r for r in usable if roster.role(r["optimizer_name"]) == "candidate"]
         bases = [r for r in usable if roster.role(r["optimizer_name"]) == "baseline"]
         for c in cands:
