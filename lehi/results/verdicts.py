@@ -24,7 +24,8 @@ repeat that LR on fresh seeds, and only they are judged:
   with the unbiased estimator Σ_i v_(i)·C(N−i, k−1)/C(N, k) over the N per-LR losses sorted
   ascending; an LR where a seed diverged scores that seed's initial validation loss (a failed
   trial leaves you where you began). The point estimate uses the mean over tuning seeds per
-  LR; the 95 % band resamples one tuning seed per LR (bootstrap, 2,000 draws).
+  LR; the 95 % band resamples one tuning seed per LR (bootstrap, 2,000 draws, seeded per
+  workload and reading, so adding a workload or reading moves no other band).
 - **Performance profiles** (AlgoPerf): per workload the time to target of each reading's
   confirmation runs (median over seeds; a run that never reaches it counts as infinite) =
   steps to target × its optimizer's per-step cost measured side by side (step_cost.json);
@@ -209,10 +210,10 @@ def tuning_budget(results: Results, draws: int = 2000) -> pd.DataFrame:
 
     Columns: workload, reading, k, expected_best, low, high (95 % bootstrap band).
     """
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
     rows = []
     for workload in workloads(results):
         for reading in CONFIRM_READINGS:
+            rng = np.random.default_rng([BOOTSTRAP_SEED, *f"{workload}/{reading}".encode()])
             source = f"ablation_{workload}" if reading == "lehi_update_clip" else workload
             trials = _trial_losses(results.runs, source, reading)
             if trials.empty:
