@@ -197,12 +197,12 @@ def expected_best(values: Sequence[float], k: int) -> float:
 
 
 def _trial_losses(runs: pd.DataFrame, experiment: str, label: str) -> pd.DataFrame:
-    """Per (lr, seed) of a tuning sweep: the loss a trial yields (initial loss if diverged)."""
+    """Per run of a tuning sweep: its LR and the loss the trial yields (initial loss if diverged)."""
     rows = runs[(runs["experiment"] == experiment) & (runs["optimizer"] == label)]
     rows = rows[rows["status"] != "failed"]
     bad = rows["diverged"].to_numpy(bool) | ~np.isfinite(rows["val_loss"].to_numpy(float))
     loss = np.where(bad, rows["initial_val_loss"].to_numpy(float), rows["val_loss"].to_numpy(float))
-    return pd.DataFrame({"lr": rows["lr"].to_numpy(float), "seed": rows["seed"], "loss": loss})
+    return pd.DataFrame({"lr": rows["lr"].to_numpy(float), "loss": loss})
 
 
 def tuning_budget(results: Results, draws: int = 2000) -> pd.DataFrame:
