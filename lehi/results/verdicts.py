@@ -197,7 +197,7 @@ def expected_best(values: Sequence[float], k: int) -> float:
 
 
 def _trial_losses(runs: pd.DataFrame, experiment: str, label: str) -> pd.DataFrame:
-    """Per run of a tuning sweep: its LR and the loss the trial yields (initial loss if diverged)."""
+    """Per run of a tuning sweep: its LR and the loss it yields (initial loss if diverged)."""
     rows = runs[(runs["experiment"] == experiment) & (runs["optimizer"] == label)]
     rows = rows[rows["status"] != "failed"]
     bad = rows["diverged"].to_numpy(bool) | ~np.isfinite(rows["val_loss"].to_numpy(float))
