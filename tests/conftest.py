@@ -36,12 +36,15 @@ one_thread = pytest.fixture(single_thread, name="one_thread")
 #: record, the summary and the divergence rule, and cost seconds each.
 OPTIMIZER_TESTS = ("test_optim.py", "test_optim_paths.py", "test_reference.py", "test_samplers.py")
 MUTATION_TESTS = {
+    # The checks that guard other people's training loops, before the optimizers' prefix.
+    "lehi.optim.misuse.": (*OPTIMIZER_TESTS, "test_misuse.py"),
+    "lehi.optim.update_watch.": (*OPTIMIZER_TESTS, "test_own_loop.py"),
     "lehi.optim.": OPTIMIZER_TESTS,
     "lehi.curvature.": OPTIMIZER_TESTS,
-    "lehi.record.": ("test_identity_property.py", "test_run_identity.py"),
+    "lehi.record.": ("test_identity_property.py", "test_run_identity.py", "test_record.py"),
     "lehi.divergence.": ("test_divergence.py",),
     "lehi.summary.": ("test_divergence.py", "test_run_identity.py"),
-    "lehi.results.": ("test_results.py", "test_verdicts.py"),
+    "lehi.results.": ("test_results.py", "test_verdicts.py", "test_stats.py"),
 }
 
 

@@ -4,6 +4,8 @@ diagonal, and a transcription of the published SophiaG update."""
 from __future__ import annotations
 
 import copy
+import math
+import re
 
 import pytest
 import torch
@@ -13,9 +15,10 @@ from helpers.optim import batches, tiny_mlp, train
 from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lehi.curvature import aux_loss, aux_vector, per_example_curvature
-from lehi.optim import LEHI, LEHIBrid, SophiaG, backward, build_optimizer
+from lehi.optim import LEHI, CurvatureOptimizer, LEHIBrid, SophiaG, backward, build_optimizer
 
 
 def build(name: str, model: nn.Module, *, seed: int = 0, **overrides) -> torch.optim.Optimizer:
@@ -326,3 +329,395 @@ def test_each_optimizer_trains_an_mlp_on_digits(name, lr):
         opt.step()
     last = F.cross_entropy(model(x), y).item()
     assert last < 0.5 * first
+
+
+# ------------------------------------------------- which backward comes first, and its cost
+class SoftmaxCount(TorchDispatchMode):
+    """Counts the softmax kernels run while active (v's class probabilities)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_softmax", "softmax"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def plain_ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def rescaled_ce(out, y):  # the same value, but not the graph the optimizer recognises
+    return 2 * F.cross_entropy(out, y) / 2
+
+
+def observe_refresh(opt, model, x, y, loss_fn, refresh):
+    """Refresh number ``refresh`` (1 or 2; hessian_every=1) through ``opt.backward``: whether
+    the output bias received the ordinary gradient first, how many gradients it received and
+    how many softmaxes the call computed."""
+    for _ in range(refresh - 1):
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(loss_fn(out, y), out, y)
+        opt.step()
+    opt.zero_grad()
+    bias = model[2].bias
+    (expected_g,) = torch.autograd.grad(loss_fn(model(x), y), [bias])
+    seen = []
+    handle = bias.register_hook(lambda grad: seen.append(grad.detach().clone()))
+    out = model(x)
+    loss = loss_fn(out, y)
+    try:
+        with SoftmaxCount() as softmaxes:
+            opt.backward(loss, out, y)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(bias.grad, expected_g)
+    ordinary_first = torch.allclose(seen[0], expected_g, rtol=1e-5, atol=1e-7)
+    return ordinary_first, len(seen), softmaxes.count
+
+
+SINGLE = dict(betas=(0.9, 0.999), warn_update_above=None)
+DRAWS = dict(curvature_warmup="draws", warmup_length=2, warn_update_above=None)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "dtype", "loss_fn", "refresh", "expected"),
+    [
+        # float32 mean cross-entropy, inverse-CDF draws, one draw: v from the loss's gradient
+        (LEHI, SINGLE, torch.float32, plain_ce, 1, (True, 2, 0)),
+        (LEHI, SINGLE, torch.float32, plain_ce, 2, (True, 2, 0)),
+        (SophiaG, dict(hessian_every=1), torch.float32, plain_ce, 1, (True, 2, 0)),
+        # several first draws: a fresh softmax each, ordinary backward last; later refreshes
+        # take the fast path again
+        (LEHI, DRAWS, torch.float32, plain_ce, 1, (False, 3, 2)),
+        (LEHI, DRAWS, torch.float32, plain_ce, 2, (True, 2, 0)),
+        # any other case: the auxiliary pass first, from a softmax of its own
+        (LEHI, SINGLE, torch.float64, plain_ce, 1, (False, 2, 1)),
+        (LEHI, SINGLE, torch.float32, rescaled_ce, 1, (False, 2, 1)),
+        (
+            LEHI,
+            dict(sampler="multinomial", warn_update_above=None),
+            torch.float32,
+            plain_ce,
+            1,
+            (False, 2, 1),
+        ),
+        (SophiaG, dict(sampler="multinomial"), torch.float32, plain_ce, 1, (False, 2, 1)),
+    ],
+)
+def test_the_loss_gradient_is_reused_exactly_where_documented(
+    cls, kwargs, dtype, loss_fn, refresh, expected
+):
+    """The module's promise: for float32 mean cross-entropy with inverse-CDF draws the
+    ordinary backward runs first and v is built from its gradient at the outputs, so the
+    optimizer computes no softmax of its own; otherwise the auxiliary pass comes first."""
+    model = tiny_mlp(dtype=dtype)
+    x, y = batches(1)[0]
+    opt = cls(model.parameters(), lr=1e-3, seed=4, **kwargs)
+    assert observe_refresh(opt, model, x.to(dtype), y, loss_fn, refresh) == expected
+
+
+class SquaresPerParameter(CurvatureOptimizer):
+    """The smallest curvature optimizer, on the base class's defaults: h = a⊙a per
+    parameter, and a log of each ``_fold`` call (for each parameter: was p.grad still None)."""
+
+    def __init__(self, params, seed):
+        super().__init__(
+            params,
+            dict(hessian_every=1),
+            loss="cross_entropy",
+            ignore_index=-100,
+            seed=seed,
+            estimator="sampled",
+            estimators=("sampled",),
+        )
+        self.calls = []
+
+    def _init_state(self, p, state):
+        state["step"] = torch.tensor(0.0)
+
+    def _fold(self, params, groups, aux_grads, n):
+        self.calls.append([p.grad is None for p in params])
+        for p, a in zip(params, aux_grads):
+            self.state[p]["h"] = a.square()
+
+
+@pytest.mark.parametrize(("loss_fn", "ordinary_first"), [(plain_ce, True), (rescaled_ce, False)])
+def test_the_base_folds_one_parameter_at_a_time_by_default(loss_fn, ordinary_first):
+    """A subclass that overrides neither _fold_needs_every_grad nor _fold_reads_gradient
+    gets one _fold call per parameter, before the ordinary backward unless v reuses its
+    gradient; h is the square of the auxiliary gradient."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    opt = SquaresPerParameter(model.parameters(), seed=13)
+    out = model(x)
+    opt.backward(loss_fn(out, y), out, y)
+    params = list(model.parameters())
+    assert opt.calls == [[not ordinary_first]] * len(params)
+    aux, _ = aux_loss("cross_entropy", model(x), y, torch.Generator().manual_seed(13))
+    for p, a in zip(params, torch.autograd.grad(aux, params)):
+        torch.testing.assert_close(opt.state[p]["h"], a.square())
+
+
+def halving_mean(calls):
+    """A stand-in for the data-parallel all-reduce: the mean with a second rank whose
+    auxiliary gradients are zero (it halves them); logs how many tensors each call got."""
+
+    def reduce_mean(tensors):
+        calls.append(len(tensors))
+        for t in tensors:
+            t.mul_(0.5)
+
+    return reduce_mean
+
+
+@pytest.mark.parametrize("loss_fn", [plain_ce, rescaled_ce])
+def test_data_parallel_rank_uses_its_slice_of_the_global_draw(loss_fn):
+    """Rank 1 of 2 holds rows 8–15 of a 16-row global batch: its v is those rows of the
+    one-process draw for the whole batch, and h the square of its reduced a."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    calls = []
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), seed=7, warn_update_above=None)
+    opt.configure_data_parallel(halving_mean(calls), rank=1, world_size=2)
+    out = model(x[8:])
+    opt.backward(loss_fn(out, y[8:]), out, y[8:])
+    params = list(model.parameters())
+    assert calls == [len(params)]
+    assert opt.num_loss_terms == 8
+    v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(7))[8:]
+    expected = torch.autograd.grad((v * model(x[8:])).sum() / 8, params)
+    for p, a in zip(params, expected):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], (a / 2).square())
+    with pytest.raises(RuntimeError, match="second time"):
+        out.sum().backward()  # the second of the two passes freed the graph
+
+
+def test_data_parallel_micro_batches_sum_their_slices_then_reduce_once():
+    """Two micro-batches of 8 global rows each, rank 1 holding rows 4–7 of each: a is the sum
+    of the micro-batches' a/2 (each drawn as its global micro-batch's slice), reduced once
+    after the last; N is the rank's 8 terms."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    micro = [(x[:8], y[:8]), (x[8:], y[8:])]
+    calls = []
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), seed=7, warn_update_above=None)
+    opt.configure_data_parallel(halving_mean(calls), rank=1, world_size=2)
+    for i, (xb, yb) in enumerate(micro):
+        out = model(xb[4:])
+        opt.backward(F.cross_entropy(out, yb[4:]) / 2, out, yb[4:], micro_batch=(i, 2))
+        with pytest.raises(RuntimeError, match="second time"):
+            out.sum().backward()  # each micro-batch's graph is freed by its own call
+    params = list(model.parameters())
+    assert calls == [len(params)]
+    assert opt.num_loss_terms == 8
+    g = torch.Generator().manual_seed(7)
+    expected = [torch.zeros_like(p) for p in params]
+    for xb, yb in micro:
+        v = aux_vector("cross_entropy", model(xb), yb, g)[4:]
+        grads = torch.autograd.grad((v * model(xb[4:])).sum() / 4 / 2, params)
+        expected = [e + a for e, a in zip(expected, grads)]
+    for p, a in zip(params, expected):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], (a / 2).square())
+
+
+@pytest.mark.parametrize("cls", [SophiaG, LEHIBrid])
+def test_the_auxiliary_pass_after_the_ordinary_one_frees_the_graph(cls):
+    """SophiaG (every a at once, v from the loss gradient) and LEHIBrid's warm-up draws
+    (ordinary backward first, several draws): opt.backward leaves no graph behind."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    kwargs = dict(curvature_warmup="draws", warmup_length=2) if cls is LEHIBrid else {}
+    opt = cls(model.parameters(), seed=1, **kwargs)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    opt.backward(loss, out, y)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_several_first_draws_fold_the_mean_of_their_squares():
+    """curvature_warmup="draws": the first refresh's h is the mean of the draws' a⊙a (two
+    draws in a row from the seed), scaled by N; a parameter off the outputs' path (a
+    penalty) gets no h from the draws and g⊙g in the step."""
+    model = tiny_mlp()
+    extra = nn.Parameter(torch.ones(3))
+    x, y = batches(1)[0]
+    opt = LEHI(
+        [*model.parameters(), extra],
+        betas=(0.9, 0.0),
+        scale_by_batch=True,
+        curvature_warmup="draws",
+        warmup_length=2,
+        seed=6,
+        warn_update_above=None,
+    )
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y) + extra.square().sum(), out, y)
+    assert opt.num_loss_terms == 16
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(6)
+    squares = [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        out = model(x)
+        v = aux_vector("cross_entropy", out, y, g)
+        grads = torch.autograd.grad((v * out).sum() / 16, params)
+        squares = [s + a.square() for s, a in zip(squares, grads)]
+    for p, s in zip(params, squares):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], 16 * s / 2)
+    opt.step()
+    # g = 2·extra = 2 in every coordinate; v = N·g⊙g with β2 = 0.
+    torch.testing.assert_close(opt.state[extra]["exp_avg_curvature"], torch.full((3,), 64.0))
+
+
+def test_per_example_refresh_of_one_example_has_one_loss_term():
+    model = tiny_mlp()
+    x, y = batches(1, n=1)[0]
+    opt = LEHI(
+        model.parameters(),
+        betas=(0.9, 0.0),
+        estimator="per_example",
+        scale_by_batch=True,
+        seed=8,
+        warn_update_above=None,
+    )
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out, y, model=model, inputs=x)
+    assert opt.num_loss_terms == 1
+    v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(8))
+    params = list(model.parameters())
+    # N = 1: h = (J v)², scaled by N = 1.
+    for p, a in zip(params, torch.autograd.grad((v * model(x)).sum(), params)):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], a.square())
+
+
+def test_refreshes_taken_counts_the_refreshes_so_far():
+    model = tiny_mlp()
+    opt = LEHI(model.parameters(), lr=1e-3, hessian_every=3, warn_update_above=None)
+    counts = []
+    for x, y in batches(7):
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out, y), out, y)
+        opt.step()
+        counts.append(opt.refreshes_taken())
+    assert counts == [math.ceil(t / 3) for t in range(1, 8)]  # refreshes at steps 1, 4, 7
+    assert counts[-1] == opt.curvature_passes
+
+
+def test_a_generator_state_saved_as_another_integer_type_restores_the_draws():
+    """A checkpoint whose generator state came back as int64 (as a serializer that widens
+    byte tensors returns it) resumes the same draws."""
+    data = batches(6)
+    model = tiny_mlp()
+    opt = LEHI(model.parameters(), lr=3e-3, seed=2, warn_update_above=None)
+    train(model, opt, data[:3])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    uninterrupted = train(model, opt, data[3:])
+    device, state = saved["curvature"]["generator"]
+    saved["curvature"]["generator"] = (device, state.to(torch.int64))
+    resumed_model = tiny_mlp(seed=99)
+    resumed_model.load_state_dict(saved_model)
+    resumed_opt = LEHI(resumed_model.parameters(), lr=3e-3, seed=5, warn_update_above=None)
+    resumed_opt.load_state_dict(saved)
+    assert train(resumed_model, resumed_opt, data[3:]) == uninterrupted
+
+
+# ------------------------------------------------------------------- SophiaG's arguments
+def test_sophia_defaults_are_the_published_ones():
+    """Liu et al.'s defaults (docs METHOD.md): lr 1e-4, betas (0.965, 0.99), rho 0.04,
+    weight decay 0.1, k = 10, ĝ clipped to norm 1; inverse-CDF draws."""
+    opt = SophiaG(tiny_mlp().parameters())
+    group = opt.param_groups[0]
+    assert group["lr"] == 1e-4
+    assert group["betas"] == (0.965, 0.99)
+    assert group["rho"] == 0.04
+    assert group["weight_decay"] == 0.1
+    assert group["hessian_every"] == 10
+    assert opt.curvature_grad_clip == 1.0
+    assert opt.sampler == "inverse_cdf"
+    assert opt.loss_name == "cross_entropy"
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_sophia_keeps_the_foreach_setting_in_its_groups(foreach):
+    assert SophiaG(tiny_mlp().parameters(), foreach=foreach).param_groups[0]["foreach"] is foreach
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+        (dict(lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
+        (dict(betas=(1.0, 0.99)), "betas must be two numbers in [0, 1) (β1, β2), got (1.0, 0.99)"),
+        (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0, got -0.1"),
+        (dict(hessian_every=0), "hessian_every must be an integer >= 1, got 0"),
+        (dict(rho=0.0), "rho must be > 0, got 0.0"),
+        (dict(curvature_grad_clip=0.0), "curvature_grad_clip must be > 0 or None, got 0.0"),
+        (dict(curvature_grad_clip=-1.0), "curvature_grad_clip must be > 0 or None, got -1.0"),
+    ],
+)
+def test_sophia_rejects_out_of_range_arguments_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SophiaG(tiny_mlp().parameters(), **kwargs)
+
+
+def test_sophia_clips_the_sampled_gradient_by_the_official_rule_in_every_group():
+    """float64, ĝ of norm ≈ 0.3 clipped to 1e-3: h = (ĝ·clip/(‖ĝ‖ + 1e-6))² (β2 = 0) for the
+    model's group, though the first group (a penalty parameter) has no ĝ at all."""
+    model = tiny_mlp(dtype=torch.float64)
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    x, y = batches(1, n=64)[0]
+    x = x.double()
+    clip = 1e-3
+    opt = SophiaG(
+        [{"params": [extra]}, {"params": list(model.parameters())}],
+        betas=(0.965, 0.0),
+        curvature_grad_clip=clip,
+        seed=3,
+    )
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y) + extra.square().sum(), out, y)
+    params = list(model.parameters())
+    v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(3))
+    g_hat = torch.autograd.grad((v * model(x)).sum() / len(x), params)
+    norm = math.sqrt(sum(float(a.square().sum()) for a in g_hat))
+    assert norm > 100 * clip
+    coef = clip / (norm + 1e-6)
+    for p, a in zip(params, g_hat):
+        torch.testing.assert_close(opt.state[p]["hessian"], (a * coef).square(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sophia_counts_its_steps(foreach):
+    model = tiny_mlp()
+    opt = SophiaG(model.parameters(), lr=1e-3, hessian_every=2, foreach=foreach)
+    train(model, opt, batches(3))
+    assert opt.steps_taken() == 3
+    assert all(opt.state[p]["step"] == 3 for p in model.parameters())
+    assert opt.curvature_passes == 2  # steps 1 and 3
+
+
+@pytest.mark.parametrize("recognised", [True, False])
+def test_a_custom_ignore_index_reaches_every_draw_of_v(recognised):
+    """ignore_index=-1 with four padded rows: N counts the 12 others and their v alone
+    enters h, whether v comes from the loss gradient or (a loss the optimizer does not
+    recognise) from a fresh softmax."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    y[[1, 5, 6, 11]] = -1
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), ignore_index=-1, seed=12)
+    out = model(x)
+    loss = F.cross_entropy(out, y, ignore_index=-1)
+    opt.backward(loss if recognised else 2 * loss / 2, out, y)
+    assert opt.num_loss_terms == 12
+    g = torch.Generator().manual_seed(12)
+    v = aux_vector("cross_entropy", model(x), y, g, ignore_index=-1)
+    assert torch.all(v[[1, 5, 6, 11]] == 0)
+    params = list(model.parameters())
+    for p, a in zip(params, torch.autograd.grad((v * model(x)).sum() / 12, params)):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], a.square())

@@ -3,6 +3,7 @@ small GPT-style model, and train; the one-time warning on a large early update."
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from conftest import REPO
 
 from lehi.optim import LEHI
+from lehi.optim.update_watch import largest_updates
 
 PAGE = REPO / "docs" / "own_loop.md"
 EXAMPLES = ("setup", "plain_loop", "language_model", "param_groups", "lightning")
@@ -187,3 +189,34 @@ def test_warn_update_above_must_be_positive_or_none():
     for bad in (0, -1.0, float("inf"), "high"):
         with pytest.raises(ValueError, match="warn_update_above must be"):
             LEHI([torch.nn.Parameter(torch.zeros(2))], warn_update_above=bad)
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [False, True])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_largest_updates_is_adams_step_size_per_tensor(eps_inside_sqrt, bias_correction):
+    """max |m̂/(√v̂+ε)| (or m̂/√(v̂+ε)) per tensor, by hand: m̂ = m/(1−β1^t), v̂ = v/(1−β2^r)
+    (v̂ = v without bias correction); an empty tensor's size is 0."""
+    beta1, beta2, eps, t, r = 0.9, 0.99, 1e-3, 3, 2
+    exp_avgs = [[0.3, -0.6], [], [-0.2]]
+    curvatures = [[0.04, 0.01], [], [0.0025]]
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**r if bias_correction else 1.0
+    expected = []
+    for m, v in zip(exp_avgs, curvatures):
+        if eps_inside_sqrt:
+            sizes = [abs(mi) / bc1 / math.sqrt(vi / bc2 + eps) for mi, vi in zip(m, v)]
+        else:
+            sizes = [abs(mi) / bc1 / (math.sqrt(vi / bc2) + eps) for mi, vi in zip(m, v)]
+        expected.append(max(sizes, default=0.0))
+    result = largest_updates(
+        [torch.tensor(m) for m in exp_avgs],
+        [torch.tensor(v) for v in curvatures],
+        [torch.tensor(float(t))] * 3,
+        [torch.tensor(float(r))] * 3,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps_inside_sqrt=eps_inside_sqrt,
+        bias_correction=bias_correction,
+    )
+    torch.testing.assert_close(result, torch.tensor(expected), rtol=1e-5, atol=0)

@@ -13,7 +13,9 @@ comparison tolerance, so no case can pass with the option ignored.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from lehi.curvature import aux_vector, per_example_curvature
 from lehi.distributed import Distributed
 from lehi.optim import LEHI, LEHIBrid, SophiaG
+from lehi.optim.aux_pass import reduce_across_ranks
+from lehi.optim.common import _finite_at_least
 
 SEED = 11
 SAMPLER = "inverse_cdf"  # named explicitly: the tests must not depend on the default
@@ -823,3 +827,187 @@ def test_a_state_dict_without_curvature_entry_loads_the_moments():
     loaded.load_state_dict(state)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(loaded.state[q]["exp_avg_curvature"], opt.state[p]["exp_avg_curvature"])
+
+
+# ------------------------------------------------------------------------ LEHIBrid options
+def test_lehibrid_takes_adams_defaults():
+    """LEHIBrid's lr, betas, ε and decay default to those of LEHI, i.e. of torch's Adam."""
+    adam = torch.optim.Adam([nn.Parameter(torch.zeros(2))]).defaults
+    keys = ("lr", "betas", "eps", "weight_decay")
+    for cls in (LEHI, LEHIBrid):
+        defaults = cls([nn.Parameter(torch.zeros(2))]).defaults
+        assert {k: defaults[k] for k in keys} == {k: adam[k] for k in keys}
+
+
+def test_lehibrid_refuses_an_unknown_hybrid_and_a_mix_weight_outside_0_1():
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="hybrid='median' is not one of max, sum, mix"):
+        LEHIBrid(params, hybrid="median")
+    for weight in (1.5, -0.25):
+        with pytest.raises(ValueError, match=rf"mix_weight must be in \[0, 1\], got {weight}"):
+            LEHIBrid(params, hybrid="mix", mix_weight=weight)
+
+
+#: More LEHIBrid cases: the ends of mix_weight's range, the hybrid of h = g⊙g with itself
+#: (max and mix fold g⊙g: Adam), and the max_grad warm-up under a hybrid that it changes.
+HYBRID_CASES = {
+    "hybrid-mix-0": Case(Options(hybrid="mix", mix_weight=0.0), dict(mix_weight=1.0)),
+    "hybrid-mix-1": Case(Options(hybrid="mix", mix_weight=1.0), dict(mix_weight=0.0)),
+    "hybrid-max-squared_gradient": Case(
+        Options(hybrid="max", estimator="squared_gradient"), dict(hybrid="sum")
+    ),
+    "hybrid-mix-squared_gradient": Case(
+        Options(hybrid="mix", estimator="squared_gradient"), dict(hybrid="sum")
+    ),
+    "hybrid-sum-warmup-max_grad": Case(
+        Options(hybrid="sum", curvature_warmup="max_grad", warmup_length=2),
+        dict(curvature_warmup="none"),
+    ),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", list(HYBRID_CASES))
+def test_lehibrid_option_follows_the_reference(name, path):
+    case = HYBRID_CASES[name]
+    model, steps = make_model(case.loss), case.steps()
+    expected = reference(model, case.loss, steps, case.options)
+    flipped = reference(model, case.loss, steps, replace(case.options, **case.flip))
+    assert largest_difference(expected, flipped) > CHANGED
+    actual = run_optimizer(model, case.loss, steps, case.options, **PATHS[path])
+    assert_matches_reference(actual, expected)
+
+
+@pytest.mark.parametrize("hybrid", ["sum", "mix"])
+def test_a_group_added_later_takes_the_constructors_hybrid(hybrid):
+    """add_param_group: the new group inherits hybrid and mix_weight from the defaults, so the
+    run equals the one-group reference."""
+    o = Options(hybrid=hybrid, mix_weight=0.25)
+    model, steps = make_model("cross_entropy"), make_steps("cross_entropy", [[8]] * 4)
+    trained = copy.deepcopy(model)
+    params = list(trained.parameters())
+    opt = LEHIBrid(params[:2], ignore_index=IGNORE, sampler=SAMPLER, seed=SEED, **o.kwargs())
+    opt.add_param_group({"params": params[2:]})
+    run_steps(trained, "cross_entropy", steps, opt)
+    expected = reference(model, "cross_entropy", steps, o)
+    assert (
+        largest_difference(
+            expected, reference(model, "cross_entropy", steps, replace(o, hybrid="max"))
+        )
+        > CHANGED
+    )
+    assert_matches_reference(params, expected)
+
+
+# ---------------------------------------------------- accumulation with a routed parameter
+class Routed(nn.Module):
+    """A second head that only batches of more than four examples go through (as a routed
+    expert): its auxiliary gradient exists on some micro-batches and not on others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Linear(4, 3)
+        self.expert = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.body(x)
+        return z + self.expert(x) if len(x) > 4 else z
+
+
+@pytest.mark.parametrize("sizes", [[9, 3], [3, 9]], ids=["used_first", "used_last"])
+def test_accumulation_sums_the_auxiliary_gradients_a_micro_batch_lacks(sizes):
+    """First step, k = 2 micro-batches: a = Σ_i ∇L_aux,i / k, with nothing from the
+    micro-batches that bypass the expert; w ← w − α g/(|a| + ε) (m̂ = g, v̂ = a⊙a)."""
+    model = Routed()
+    step = make_steps("cross_entropy", [sizes])[0]
+    params = list(model.parameters())
+    g = [torch.zeros_like(p) for p in params]
+    a = [torch.zeros_like(p) for p in params]
+    gen = torch.Generator().manual_seed(SEED)
+    for x, y in step:
+        z = model(x)
+        loss = loss_of("cross_entropy", z, y) / 2
+        aux = (draw_v("cross_entropy", z, y, gen) * z).sum() / terms("cross_entropy", y) / 2
+        for total, part in ((g, loss), (a, aux)):
+            grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+            for acc, d in zip(total, grads):
+                if d is not None:
+                    acc += d
+    expected = [p.detach() - 0.1 * gi / (ai.abs() + 1e-3) for p, gi, ai in zip(params, g, a)]
+    opt = LEHI(params, lr=0.1, eps=1e-3, ignore_index=IGNORE, sampler=SAMPLER, seed=SEED)
+    for i, (x, y) in enumerate(step):
+        z = model(x)
+        opt.backward(loss_of("cross_entropy", z, y) / 2, z, y, micro_batch=(i, 2))
+    opt.step()
+    assert_matches_reference(params, expected)
+
+
+# ------------------------------------------------------------- averaging across the ranks
+def test_reduce_across_ranks_averages_the_present_gradients_and_keeps_n_without_a_group():
+    """reduce_mean receives the gradients that exist (here a stand-in for a second rank that
+    holds other values: the mean of both); N stays local while no process group exists."""
+    assert not dist.is_initialized()
+    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([-2.0])]
+    others = [torch.tensor([3.0, 5.0]), torch.tensor([4.0])]
+
+    def mean_with_other_rank(tensors: list[Tensor]) -> None:
+        assert len(tensors) == len(others)
+        for t, other in zip(tensors, others):
+            t.add_(other).div_(2)
+
+    assert reduce_across_ranks(mean_with_other_rank, grads, 7) == 7
+    assert torch.equal(grads[0], torch.tensor([2.0, 4.0]))
+    assert grads[1] is None
+    assert torch.equal(grads[2], torch.tensor([1.0]))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_reduce_across_ranks_sums_n_over_a_one_rank_group(tmp_path: Path):
+    """In a process group N is the all-reduced sum, exact beyond float32's 2^24; the mean
+    over one rank leaves the gradients as they were."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ranks = Distributed(rank=0, world_size=1, local_rank=0)
+        grads = [torch.tensor([1.5, -2.0]), None]
+        n = 2**24 + 1
+        assert reduce_across_ranks(ranks.mean_, grads, n) == n
+        assert torch.equal(grads[0], torch.tensor([1.5, -2.0]))
+        assert grads[1] is None
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------- hyper-parameter ranges
+@pytest.mark.parametrize("argument", ["eps", "weight_decay"])
+def test_eps_and_weight_decay_take_zero_and_refuse_infinite_or_negative_values(argument):
+    params = [nn.Parameter(torch.zeros(2))]
+    assert LEHI(params, **{argument: 0.0}).defaults[argument] == 0.0
+    for bad in (math.inf, -1e-3, math.nan):
+        message = f"{argument} must be a finite number >= 0, got {bad!r}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            LEHI(params, **{argument: bad})
+
+
+def test_the_range_of_eps_and_weight_decay_is_finite_and_at_least_zero():
+    """The predicate behind both ranges (built once, at import, for RANGES): a fresh one."""
+    allowed = _finite_at_least(0.0)
+    assert allowed(0.0) and allowed(1e-3)
+    assert not any(allowed(v) for v in (-1e-3, math.inf, -math.inf, math.nan))
+
+
+def test_compile_option_steps_through_torch_compile_compiled():
+    """compile=True builds a graph (the eager paths build none) and follows the reference.
+    ("compiled" in the name: make mutate skips it, dynamo cannot trace mutmut's wrappers.)"""
+    if not compile_works():
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+    model, steps = make_model("cross_entropy"), make_steps("cross_entropy", [[8]])
+    actual = run_optimizer(model, "cross_entropy", steps, Options(), compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert_matches_reference(actual, lehi_reference(model, "cross_entropy", steps, Options()))

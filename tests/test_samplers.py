@@ -15,9 +15,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
-from lehi.curvature import SAMPLERS, aux_vector, sample_categorical
+from lehi.curvature import (
+    SAMPLERS,
+    aux_loss,
+    aux_vector,
+    is_mean_cross_entropy,
+    per_example_curvature,
+    sample_categorical,
+)
 
 #: torch.rand's float32 uniforms are k / 2^24, k = 0 … 2^24 − 1.
 LARGEST_U = 1.0 - 2.0**-24
@@ -210,3 +218,95 @@ def test_mse_v_is_a_scaled_rademacher_vector(shape):
     assert bool((v.abs() == math.sqrt(2.0 / q)).all())
     positive = int((v > 0).sum())
     assert stats.binomtest(positive, v.numel(), 0.5).pvalue > 1e-4
+
+
+def test_low_precision_logits_draw_from_the_float32_softmax():
+    """bf16 logits: v is softmax(z) in float32 minus the drawn one-hot (labels drawn from the
+    float32 probabilities), rounded once to bf16 at the end, in the logits' dtype."""
+    g = torch.Generator().manual_seed(10)
+    logits = (3 * torch.randn(40, 5, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, 5, (40,), generator=g)
+    targets[:4] = -100
+    probs = torch.softmax(logits.float(), -1)
+    labels = sample_categorical(probs, copy_of(g), "inverse_cdf")[:, 0]
+    v = aux_vector("cross_entropy", logits, targets, g)
+    expected = probs - torch.nn.functional.one_hot(labels, 5).float()
+    expected[:4] = 0.0
+    assert v.dtype == torch.bfloat16
+    assert torch.equal(v, expected.to(torch.bfloat16))
+
+
+def test_mse_v_of_a_single_scalar_prediction():
+    """A 0-d output is one example with one output: v = ±sqrt(2), shaped like the output."""
+    g = torch.Generator().manual_seed(11)
+    draws = [aux_vector("mse", torch.tensor(0.3), torch.tensor(0.1), g) for _ in range(40)]
+    assert all(v.shape == () and bool(v.abs() == math.sqrt(2.0)) for v in draws)
+    assert {float(v) > 0 for v in draws} == {True, False}
+
+
+# ------------------------------------------------------ the auxiliary loss and its shortcut
+def inverse_cdf_labels(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first class whose cumulative probability exceeds u·total, row by row."""
+    cdf = probs.cumsum(-1)
+    rows = range(len(probs))
+    return torch.tensor([first_class_above(cdf[i], float(u[i] * cdf[i, -1])) for i in rows])
+
+
+@pytest.mark.parametrize(
+    ("ignored", "shard"), [(5, (0, 1)), (0, (1, 2))], ids=["one_term_left", "second_rank"]
+)
+def test_aux_loss_is_the_mean_of_v_dot_z_over_the_kept_terms(ignored, shard):
+    """L_aux = (1/N) Σ_n v_n·z_n with v = softmax(z) − onehot(ĉ), 0 on ignored rows, N the
+    kept rows (here also N = 1); rank r of R draws rows r·n … (r+1)·n − 1 of the global
+    uniforms. Its gradient at z is v/N."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(6, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 4, (6,), generator=g)
+    y[:ignored] = -1
+    rank, ranks = shard
+    uniforms = torch.rand((6 * ranks, 1), generator=copy_of(g))
+    probs = torch.softmax(z.detach(), -1)
+    labels = inverse_cdf_labels(probs, uniforms[rank * 6 : (rank + 1) * 6])
+    if ranks > 1:  # the premise: this rank's draws are not the first rows' draws
+        assert not torch.equal(labels, inverse_cdf_labels(probs, uniforms[:6]))
+    v = (probs - torch.nn.functional.one_hot(labels, 4).float()) * (y != -1).unsqueeze(1)
+    n = 6 - ignored
+    aux, terms = aux_loss(
+        "cross_entropy", z, y, g, ignore_index=-1, sampler="inverse_cdf", shard=shard
+    )
+    assert terms == n
+    torch.testing.assert_close(aux, (v * z.detach()).sum() / n)
+    (grad,) = torch.autograd.grad(aux, z)
+    torch.testing.assert_close(grad, v / n)
+
+
+@pytest.mark.parametrize("examples", [1, 5])
+def test_per_example_curvature_of_a_flat_output_regression(examples):
+    """z_n = w·x_n + b, one output per example, MSE: v_n = ±sqrt(2), so (J_nᵀ v_n)² is
+    2·x_n² for w and 2 for b whatever the signs; h = Σ_n … / N² (N = 1 included)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0))
+    x = torch.randn(examples, 3)
+    h = per_example_curvature(
+        model, x, torch.zeros(examples), "mse", torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(h["0.weight"], 2 * x.square().sum(0, keepdim=True) / examples**2)
+    torch.testing.assert_close(h["0.bias"], torch.tensor([2.0 / examples]))
+
+
+def test_only_the_plain_mean_cross_entropy_of_the_outputs_is_recognised():
+    """Recognised: F.cross_entropy of (B, T, C) outputs viewed as rows, with any
+    ignore_index (a pad id above 126, the most negative int64). Refused: NLL of the outputs
+    themselves, and a log-softmax over the batch instead of the classes."""
+    out = torch.randn(2, 3, 6, requires_grad=True) * 1.0
+    y = torch.randint(0, 6, (2, 3))
+    rows, labels = out.reshape(-1, 6), y.reshape(-1)
+    assert is_mean_cross_entropy(F.cross_entropy(rows, labels), out, -100)
+    assert is_mean_cross_entropy(F.cross_entropy(out.view(6, 6), labels), out, -100)
+    for pad in (200, 50256, -(2**63)):
+        assert is_mean_cross_entropy(F.cross_entropy(rows, labels, ignore_index=pad), out, pad)
+    flat = torch.randn(4, 6, requires_grad=True) * 1.0
+    target = torch.randint(0, 6, (4,))
+    assert is_mean_cross_entropy(F.nll_loss(F.log_softmax(flat, 1), target), flat, -100)
+    assert not is_mean_cross_entropy(F.nll_loss(flat, target), flat, -100)
+    assert not is_mean_cross_entropy(F.nll_loss(F.log_softmax(flat, 0), target), flat, -100)
