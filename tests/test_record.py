@@ -255,7 +255,7 @@ def test_machine_reports_cpu_model_capability_torch_and_gpu():
 def test_environment_of_a_dirty_checkout_on_cpu(repo, tmp_path):
     many = {f"lehi/m{i:02d}.py": f"m = {i}\n" for i in range(25)}
     _write(repo, many)
-    before = datetime.datetime.now(datetime.UTC)
+    before = datetime.datetime.now(datetime.timezone.utc)
     env = record.environment(torch.device("cpu"))
     assert set(env) == ENV_KEYS
     assert env["git_commit"] == _git(repo, "rev-parse", "HEAD").strip()
@@ -275,7 +275,11 @@ def test_environment_of_a_dirty_checkout_on_cpu(repo, tmp_path):
     assert env["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert env["platform"] == platform.platform()
     stamp = datetime.datetime.strptime(env["time"], "%Y-%m-%dT%H:%M:%S%z")
-    assert before - datetime.timedelta(seconds=1) <= stamp <= datetime.datetime.now(datetime.UTC)
+    assert (
+        before - datetime.timedelta(seconds=1)
+        <= stamp
+        <= datetime.datetime.now(datetime.timezone.utc)
+    )
     folder = RunRecord(tmp_path / "run")
     folder.write_env(env)
     assert folder.read_env() == env
