@@ -986,6 +986,100 @@ def test_reduce_across_ranks_sums_n_over_a_one_rank_group(tmp_path: Path):
         dist.destroy_process_group()
 
 
+def mean_with_rank_0(peer: list[Tensor]):
+    """A stand-in for the all-reduce mean of two ranks, seen from rank 1: rank 0's auxiliary
+    gradients are ``peer`` (filled in by the caller each step) and it reaches every parameter
+    (its marks are ones; a reduce that sends no marks stops at the gradients)."""
+
+    def reduce_mean(tensors: list[Tensor]) -> None:
+        for t, other in zip(tensors, [*peer, torch.ones(len(peer))]):
+            t.add_(other).div_(2)
+
+    return reduce_mean
+
+
+@pytest.mark.parametrize(
+    "loss, sizes",
+    [("cross_entropy", [16]), ("mse", [16]), ("cross_entropy", [8, 8])],
+    ids=["cross_entropy", "mse", "accumulation"],
+)
+def test_rank_1_of_2_given_rank_0s_mean_follows_the_one_process_reference(loss, sizes):
+    """Rank 1 holds the second half of every (micro-)batch. With its ordinary gradient and
+    its auxiliary gradient averaged with rank 0's (computed here from the first half and that
+    half's slice of the global draw of v), it takes the one-process reference's steps on the
+    whole batch: v is its slice of the global draw (from the loss gradient for cross-entropy,
+    recomputed for MSE and micro-batches) and a is the mean over the ranks before squaring."""
+    model = make_model(loss)
+    steps = make_steps(loss, [sizes] * 2)
+    o = Options()
+    expected = lehi_reference(model, loss, steps, o)
+    params = list(model.parameters())
+    opt = LEHI(params, loss=loss, ignore_index=IGNORE, sampler=SAMPLER, seed=SEED, **o.kwargs())
+    peer: list[Tensor] = []
+    opt.configure_data_parallel(mean_with_rank_0(peer), rank=1, world_size=2)
+    gen = torch.Generator().manual_seed(SEED)
+    for step in steps:
+        k = len(step)
+        g0 = [torch.zeros_like(p) for p in params]
+        a0 = [torch.zeros_like(p) for p in params]
+        for x, y in step:  # rank 0: the first half, its slice of the global v
+            half = len(x) // 2
+            v = draw_v(loss, model(x), y, gen)[:half]
+            z = model(x[:half])
+            aux = (v * z).sum() / terms(loss, y[:half]) / k
+            for total, part in ((g0, loss_of(loss, z, y[:half]) / k), (a0, aux)):
+                for acc, d in zip(total, torch.autograd.grad(part, params, retain_graph=True)):
+                    acc += d
+        peer[:] = a0
+        opt.zero_grad()
+        for i, (x, y) in enumerate(step):
+            half = len(x) // 2
+            z = model(x[half:])
+            f = loss_of(loss, z, y[half:])  # undivided for k = 1: v then reuses its gradient
+            opt.backward(f if k == 1 else f / k, z, y[half:], micro_batch=(i, k))
+            with pytest.raises(RuntimeError, match="second time"):
+                z.sum().backward()  # each call frees its (micro-)batch's graph
+        with torch.no_grad():  # the trainer's mean of the ordinary gradients
+            for p, g in zip(params, g0):
+                p.grad.add_(g).div_(2)
+        opt.step()
+    assert_matches_reference(params, expected)
+
+
+def test_a_rank_joined_after_a_resumed_refresh_draws_from_its_own_seed():
+    """A loaded generator state serves the first draw after loading, once: a multinomial rank
+    configured later starts the stream of its own seed, (seed·1,000,003 + rank) mod 2⁶³, and
+    its h (β2 = 0: the latest refresh's) is the square of a from that stream's v."""
+    model = make_model("cross_entropy")
+    steps = make_steps("cross_entropy", [[8]] * 3)
+    params = list(model.parameters())
+
+    def lehi():
+        return LEHI(
+            params,
+            betas=(0.9, 0.0),
+            sampler="multinomial",
+            ignore_index=IGNORE,
+            seed=SEED,
+            warn_update_above=None,
+        )
+
+    first = lehi()
+    run_steps(model, "cross_entropy", steps[:1], first)
+    resumed = lehi()
+    resumed.load_state_dict(checkpoint(first))
+    run_steps(model, "cross_entropy", steps[1:2], resumed)  # draws from the loaded state
+    resumed.configure_data_parallel(lambda tensors: None, rank=1, world_size=2)
+    ((x, y),) = steps[2]
+    rank_stream = torch.Generator().manual_seed((SEED * 1_000_003 + 1) % 2**63)
+    v = draw_v("cross_entropy", model(x), y, rank_stream, sampler="multinomial")
+    a = torch.autograd.grad((v * model(x)).sum() / terms("cross_entropy", y), params)
+    z = model(x)
+    resumed.backward(loss_of("cross_entropy", z, y), z, y)
+    for p, ai in zip(params, a):
+        torch.testing.assert_close(resumed.state[p]["exp_avg_curvature"], ai.square())
+
+
 # ------------------------------------------------------------------- hyper-parameter ranges
 @pytest.mark.parametrize("argument", ["eps", "weight_decay"])
 def test_eps_and_weight_decay_take_zero_and_refuse_infinite_or_negative_values(argument):
