@@ -50,7 +50,7 @@ MUTATION_TESTS = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``make mutate``, a mutant's own tests only, fastest first.
+    """Under ``make mutate``, a mutant's own tests only, fastest first, on one torch thread.
 
     mutmut runs a mutant's tests with ``-x`` in no particular order (a set), so a killed
     mutant costs the tests before the first one that fails it. Its stats run recorded each
