@@ -636,17 +636,22 @@ def test_gradient_refresh_scaled_by_batch_without_backward_is_a_clear_error():
         opt.step()
 
 
+@pytest.mark.parametrize("groups", ["one group", "a group of its own"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("estimator", ["sampled", "per_example"])
-def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path):
+def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path, groups):
     """A penalty-only parameter has g but no auxiliary gradient: it folds g⊙g (Adam's rule),
     so its first step is −lr·g/(|g| + ε). It is float64 here, so the multi-tensor path
-    updates two dtype groups."""
+    updates two dtype groups. In a parameter group after the model's, it is updated after
+    the model's group has moved the step counters: the same step still."""
     model = make_model("cross_entropy")
     extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
     ((x, y),) = make_steps("cross_entropy", [[8]])[0]
+    params = [*model.parameters(), extra]
+    if groups != "one group":
+        params = [{"params": list(model.parameters())}, {"params": [extra]}]
     opt = LEHI(
-        [*model.parameters(), extra],
+        params,
         lr=0.1,
         eps=1e-3,
         estimator=estimator,

@@ -223,11 +223,15 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
                 column.append(state[key])
         return params, grads, entries
 
-    def _without_curvature(self, params: list[Tensor]) -> list[bool]:
-        """For each parameter: whether this step refreshed the curvature but not its own."""
+    def _without_curvature(self) -> Callable[[Tensor], bool]:
+        """Whether a parameter's curvature was left out of this step's refresh (no path to the
+        outputs); on a step without a refresh, none was. Ask before the step's first update:
+        it moves the step counters that :meth:`steps_taken` reads, and later groups would then
+        see a step without a refresh."""
         if not (self.needs_aux_pass() and self._curvature_ready_at == self.steps_taken()):
-            return [False] * len(params)
-        return [p not in self._refreshed for p in params]
+            return lambda p: False
+        refreshed = self._refreshed
+        return lambda p: p not in refreshed
 
     # ------------------------------------------------------------------------ the one call
     def backward(
