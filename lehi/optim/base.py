@@ -137,6 +137,12 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
             raise ValueError(f"rank={rank} and world_size={world_size}: need 0 <= rank < size")
         if world_size == 1:
             return
+        if self.estimator == "per_example":
+            # Its h sums squares over the rank's own examples; no rank would see the others'.
+            raise ValueError(
+                "estimator='per_example' does not support data-parallel runs "
+                "(world_size > 1): use estimator='sampled'"
+            )
         self._reduce_mean = reduce_mean
         if self.sampler == "inverse_cdf" or self.loss_name == "mse":
             self._shard = (rank, world_size)
@@ -377,7 +383,7 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
             last = draw == draws - 1
             grads = aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
             del v
-            n = reduce_across_ranks(self._reduce_mean, grads, n)
+            grads, n = reduce_across_ranks(self._reduce_mean, params, grads, n)
             if draws == 1:
                 self._fold_set(params, grads, n)
                 return
@@ -415,7 +421,7 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
         grads, n = self._accumulated, self._accumulated_terms
         self._accumulated, self._accumulated_terms = None, 0
         self._refreshed = set()
-        self._fold_set(params, grads, reduce_across_ranks(self._reduce_mean, grads, n))
+        self._fold_set(params, *reduce_across_ranks(self._reduce_mean, params, grads, n))
         self._finish_refresh()
 
     def _fold_set(self, params: list[Tensor], grads: list[Tensor | None], n: int) -> None:
