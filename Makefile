@@ -90,11 +90,11 @@ $(VENV)/bin/mutmut: $(STAMP)
 mutate: $(VENV)/bin/mutmut
 	$(VENV)/bin/mutmut run --max-children $(shell $(PY) -c "import os; print(os.cpu_count())")
 	$(VENV)/bin/mutmut export-cicd-stats
+	@# A timeout is not counted as killed: it may be a survivor whose tests ran slowly.
 	@$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
-		done = s['total'] - s['skipped'] - s['no_tests']; \
-		killed = s['killed'] + s['timeout']; \
-		print(f\"mutation score {killed / done:.1%} ({killed} of {done} mutants that a selected test reaches); \
-	{killed / (s['total'] - s['skipped']):.1%} of all {s['total'] - s['skipped']}\")"
+		done = s['total'] - s['skipped'] - s['no_tests']; killed = s['killed']; \
+		print(f\"mutation score {killed / done:.1%} ({killed} of {done} mutants that a selected test reaches, \
+	{s['timeout']} timeouts not counted); {killed / (s['total'] - s['skipped']):.1%} of all {s['total'] - s['skipped']}\")"
 	$(VENV)/bin/mutmut results
 
 # Exact zeros of h at LEHI's first step, per layer, and its first step against Adam's on the

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.threads import single_thread
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -60,6 +61,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     stats = Path("mutmut-stats.json")
     if "__mutmut_" not in mutant or not stats.exists():
         return
+    # Two mutants run at once on the two cores: two torch threads each would oversubscribe them
+    # (and mutmut's CPU-time limit counts every thread).
+    torch.set_num_threads(1)
     files = next((f for prefix, f in MUTATION_TESTS.items() if mutant.startswith(prefix)), None)
     if files is not None:
         kept, dropped = [], []
