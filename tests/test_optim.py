@@ -18,7 +18,15 @@ from torch.func import functional_call, jacrev, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lehi.curvature import aux_loss, aux_vector, per_example_curvature
-from lehi.optim import LEHI, CurvatureOptimizer, LEHIBrid, SophiaG, backward, build_optimizer
+from lehi.optim import (
+    LEHI,
+    CurvatureOptimizer,
+    LEHIBrid,
+    SophiaG,
+    backward,
+    build_optimizer,
+    param_groups,
+)
 
 
 def build(name: str, model: nn.Module, *, seed: int = 0, **overrides) -> torch.optim.Optimizer:
@@ -303,6 +311,196 @@ def test_bad_choices_in_sophia_and_registry():
         )
     with pytest.raises(ValueError, match="optimizer.lr"):
         build("adam", tiny_mlp(), lr=0.0)
+
+
+# ------------------------------------------------- build_optimizer: groups, defaults, messages
+class Decayable(nn.Module):
+    """One tensor of each kind param_groups sorts: an embedding, a norm's gain and bias, a
+    linear layer's weight and bias, and a bias-free head. Only the two matrices that are not
+    an embedding (proj.weight, head.weight) take weight decay under nanoGPT's convention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(5, 3)
+        self.norm = nn.LayerNorm(3)
+        self.proj = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+
+    def forward(self, tokens):
+        return self.head(self.proj(self.norm(self.embed(tokens))))
+
+
+DECAYED = ("proj.weight", "head.weight")
+
+
+def built_and_stepped(options, model):
+    """build_optimizer(options) over ``model``, then one step on a fixed batch: the optimizer,
+    and each parameter (by name) before the step, its gradient and its value after."""
+    opt = build_optimizer(options, model, loss="cross_entropy", ignore_index=-100, seed=0)
+    tokens = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model(tokens).reshape(-1, 5), tokens.reshape(-1)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    return opt, before, grads, dict(model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("options", "decay", "decoupled", "groups"),
+    [
+        # no weight_decay key: AdamW's own default (torch documents 1e-2), matrices only
+        ({"_target_": "torch.optim.AdamW", "lr": 0.1}, 0.01, True, 2),
+        # the key as a config sets it, betas as YAML's list
+        (
+            {"_target_": "torch.optim.Adam", "lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.1},
+            0.1,
+            False,
+            2,
+        ),
+        # exclude_from_decay: false decays every tensor, one group
+        (
+            {
+                "_target_": "torch.optim.Adam",
+                "name": "adam",
+                "label": "all",
+                "lr": 0.1,
+                "weight_decay": 0.1,
+                "exclude_from_decay": False,
+            },
+            0.1,
+            False,
+            1,
+        ),
+        # no decay: nothing to exclude, one group
+        ({"_target_": "torch.optim.Adam", "lr": 0.1, "weight_decay": 0.0}, 0.0, False, 1),
+    ],
+    ids=["adamw-default", "adam-l2", "adam-decay-all", "adam-no-decay"],
+)
+def test_build_optimizer_first_step_decays_exactly_the_chosen_tensors(
+    options, decay, decoupled, groups
+):
+    """The first Adam step by hand: m̂ = g, v̂ = g², so the update is lr·g/(|g| + ε); AdamW
+    first shrinks p by (1 − lr·wd), Adam adds wd·p to g. wd is the configured (or the class's
+    default) decay for the tensors that take it and 0 for biases, norms and embeddings."""
+    model = Decayable()
+    opt, before, grads, after = built_and_stepped(options, model)
+    assert len(opt.param_groups) == groups
+    lr, eps = 0.1, 1e-8
+    decay_all = options.get("exclude_from_decay", True) is False
+    for name, p0 in before.items():
+        wd = decay if decay_all or name in DECAYED else 0.0
+        g = grads[name]
+        if decoupled:
+            expected = p0 * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        else:
+            g = g + wd * p0
+            expected = p0 - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(after[name].detach(), expected, msg=name)
+
+
+def test_build_optimizer_hands_torch_the_betas_as_a_pair():
+    """YAML gives betas as a list; the optimizer receives the tuple its signature declares
+    (Adam converts a list itself, NAdam keeps what it is given)."""
+    options = {"_target_": "torch.optim.NAdam", "betas": [0.8, 0.9]}
+    opt = build_optimizer(options, Decayable(), loss="mse", ignore_index=-100, seed=0)
+    assert opt.defaults["betas"] == (0.8, 0.9)
+    assert all(group["betas"] == (0.8, 0.9) for group in opt.param_groups)
+
+
+def test_build_optimizer_takes_a_class_without_weight_decay():
+    """Rprop has no weight_decay: one group, and its first step moves each coordinate by the
+    initial step size lr against the gradient's sign."""
+    model = Decayable()
+    opt, before, grads, after = built_and_stepped(
+        {"_target_": "torch.optim.Rprop", "lr": 0.05}, model
+    )
+    assert len(opt.param_groups) == 1
+    for name, p0 in before.items():
+        torch.testing.assert_close(after[name].detach(), p0 - 0.05 * grads[name].sign(), msg=name)
+
+
+def test_param_groups_splits_matrices_from_the_rest_in_model_order():
+    model = Decayable()
+    p = dict(model.named_parameters())
+    exempt = [p["embed.weight"], p["norm.weight"], p["norm.bias"], p["proj.bias"]]
+    for groups in (param_groups(model, 0.1), param_groups(model, 0.1, exclude_from_decay=True)):
+        assert [list(map(id, g["params"])) for g in groups] == [
+            [id(p["proj.weight"]), id(p["head.weight"])],
+            list(map(id, exempt)),
+        ]
+        assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == 0.0
+    everything = list(map(id, model.parameters()))
+    for groups in (param_groups(model, 0.0), param_groups(model, 0.1, exclude_from_decay=False)):
+        assert [list(map(id, g["params"])) for g in groups] == [everything]
+        assert "weight_decay" not in groups[0]
+
+
+def test_build_optimizer_passes_the_runs_loss_ignore_index_and_seed():
+    """A curvature optimizer gets loss, ignore_index and seed from the builder: h from a
+    seed-12 draw of v with the rows of target -1 left out (as in the direct-construction test
+    above)."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    y[[1, 5, 6, 11]] = -1
+    options = {"_target_": "lehi.optim.LEHI", "betas": [0.9, 0.0]}
+    opt = build_optimizer(options, model, loss="cross_entropy", ignore_index=-1, seed=12)
+    out = model(x)
+    backward(opt, F.cross_entropy(out, y, ignore_index=-1), out, y)
+    v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(12), ignore_index=-1)
+    params = list(model.parameters())
+    for p, a in zip(params, torch.autograd.grad((v * model(x)).sum() / 12, params)):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], a.square())
+    opt = build_optimizer(options, model, loss="mse", ignore_index=3, seed=11)
+    assert (opt.loss_name, opt.ignore_index, opt.seed) == ("mse", 3, 11)
+
+
+def test_backward_passes_model_and_inputs_to_the_per_example_estimator():
+    """backward(opt, ..., model=, inputs=) reaches per_example: h = Σᵢ (Jᵢᵀvᵢ)² / N²."""
+    model = tiny_mlp(d_in=5, hidden=8, d_out=3)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    opt = LEHI(model.parameters(), betas=(0.9, 0.0), estimator="per_example", seed=7)
+    out = model(x)
+    backward(opt, F.cross_entropy(out, y), out, y, model=model, inputs=x)
+    v = aux_vector("cross_entropy", model(x), y, torch.Generator().manual_seed(7))
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(x)):
+        grads = torch.autograd.grad((model(x[i : i + 1]) * v[i : i + 1]).sum(), model.parameters())
+        for total, gi in zip(expected, grads):
+            total += gi.pow(2) / len(x) ** 2
+    for p, h in zip(model.parameters(), expected):
+        torch.testing.assert_close(opt.state[p]["exp_avg_curvature"], h, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": 1e-3}, r"^optimizer\._target_=None must name a callable as module\.attribute$"),
+        (
+            {"_target_": "torch.nn.Linear"},
+            r"^optimizer\._target_='torch\.nn\.Linear' is not a torch\.optim\.Optimizer$",
+        ),
+        ({"_target_": "math.sqrt"}, r"^optimizer\._target_='math\.sqrt' is not a torch\.optim"),
+        (
+            {"_target_": "torch.optim.Adam", "exclude_from_decay": "yes"},
+            r"^optimizer\.exclude_from_decay must be true or false, got 'yes'$",
+        ),
+        (
+            {"_target_": "torch.optim.Adam", "momentum": 0.9},
+            r"^optimizer\.momentum is not an option of optimizer torch\.optim\.adam\.Adam; "
+            r"allowed: lr, betas, eps, weight_decay",
+        ),
+        (
+            {"_target_": "lehi.optim.SophiaG", "rho": -1.0},
+            r"^optimizer\.rho must be > 0, got -1\.0$",
+        ),
+    ],
+    ids=["no-target", "not-an-optimizer", "not-a-class", "exclude", "unknown-key", "class-check"],
+)
+def test_build_optimizer_refusals_name_the_config_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(options, Decayable(), loss="cross_entropy", ignore_index=-100, seed=0)
 
 
 # ------------------------------------------------------------------------ real training

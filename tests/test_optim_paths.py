@@ -24,6 +24,7 @@ from lehi.curvature import (
     sample_categorical,
 )
 from lehi.optim import LEHI, LEHIBrid, SophiaG
+from lehi.optim.lehi_update import compiled_lehi, multi_tensor_lehi, single_tensor_lehi
 
 
 @pytest.mark.parametrize(
@@ -203,3 +204,52 @@ def test_optimizer_uses_its_sampler():
 def test_unknown_sampler_is_a_clear_error(cls):
     with pytest.raises(ValueError, match="sampler='gumbel' is not one of multinomial"):
         cls(tiny_mlp().parameters(), sampler="gumbel")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(curvature_warmup="linear"),
+            "^curvature_warmup='linear' is not one of none, draws, max_grad, grad$",
+        ),
+        (dict(warmup_length=0), "warmup_length must be an integer >= 1, got 0"),
+        (dict(warmup_length=2.5), "warmup_length must be an integer >= 1, got 2.5"),
+        (dict(h_floor=-0.1), r"h_floor must be a finite number >= 0 \(0 = off\), got -0.1"),
+        (dict(h_floor=float("inf")), "h_floor must be a finite number >= 0"),
+        (dict(update_clip=0.0), r"update_clip must be > 0 or None \(off\), got 0.0"),
+        (dict(update_clip=-1.0), "update_clip must be > 0 or None"),
+        (dict(update_clip=float("inf")), "update_clip must be > 0 or None"),
+    ],
+)
+def test_a_reading_option_out_of_range_is_an_error_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LEHI(tiny_mlp().parameters(), **kwargs)
+
+
+def test_each_group_runs_the_step_its_options_choose():
+    """compile=True: the compiled step, whatever foreach says; otherwise foreach=True the
+    multi-tensor step, False the single-tensor one, and None as torch.optim chooses (on CPU
+    tensors: single-tensor). A group saved before the compile option (no "compile" key) runs
+    eagerly."""
+    params = list(tiny_mlp().parameters())
+    cases = [
+        (dict(compile=True, foreach=True), compiled_lehi),
+        (dict(foreach=True), multi_tensor_lehi),
+        (dict(foreach=False), single_tensor_lehi),
+        (dict(foreach=None), single_tensor_lehi),
+    ]
+    for kwargs, rule in cases:
+        group = LEHI(params, **kwargs).param_groups[0]
+        assert LEHI._update_rule(group, params) is rule, kwargs
+    assert LEHI._update_rule({"foreach": True}, params) is multi_tensor_lehi
+    assert LEHI._update_rule({"foreach": False}, params) is single_tensor_lehi
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_foreach_none_takes_the_multi_tensor_step_on_cuda():
+    """As torch.optim.Adam does, foreach=None takes the foreach path for CUDA tensors."""
+    params = list(tiny_mlp().cuda().parameters())
+    group = LEHI(params, foreach=None).param_groups[0]
+    assert LEHI._update_rule(group, params) is multi_tensor_lehi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
+import lehi
 from lehi.optim import LEHI
-from lehi.optim.update_watch import largest_updates
+from lehi.optim.update_watch import WATCHED_STEPS, UpdateWatch, largest_updates
 
 PAGE = REPO / "docs" / "own_loop.md"
 EXAMPLES = ("setup", "plain_loop", "language_model", "param_groups", "lightning")
@@ -220,3 +222,149 @@ def test_largest_updates_is_adams_step_size_per_tensor(eps_inside_sqrt, bias_cor
         bias_correction=bias_correction,
     )
     torch.testing.assert_close(result, torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def squared_gradient_steps(groups, grads_per_step, **kwargs):
+    """LEHI(estimator="squared_gradient") (AdamW's step, h = g⊙g) on ``groups`` of
+    parameters, one step per entry of ``grads_per_step`` (the gradients, in parameter order);
+    returns the UserWarnings raised."""
+    opt = LEHI(groups, lr=1e-3, estimator="squared_gradient", **kwargs)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for grads in grads_per_step:
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g)
+            opt.step()
+    return [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+WARNING = re.compile(
+    r"(\w+): the step-(\d+) update of (\S+) \(shape \((.*)\)\) reaches ([\d.e+]+) × lr"
+)
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [False, True])
+def test_the_warning_names_the_largest_tensor_of_all_groups_at_adams_first_step_size(
+    eps_inside_sqrt,
+):
+    """Adam's first step is u = g/(|g|+ε) (m̂ = g, v̂ = g⊙g), or g/√(g²+ε) with ε inside the
+    root. With ε = 1 the tensors' max |u| are 0.5/1.5, 0.2/1.2 and 3/4 (0.5/√1.25, 0.2/√1.04,
+    3/√10): all exceed 0.1, and the one warning, raised outside the package, names the
+    largest (group 1's second tensor), its shape and its size, and the options."""
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    c = torch.nn.Parameter(torch.zeros(2))
+    caught = squared_gradient_steps(
+        [{"params": [a]}, {"params": [b, c]}],
+        [[[0.5, -0.5], [0.2, 0.2], [3.0, -1.0]]],
+        eps=1.0,
+        eps_inside_sqrt=eps_inside_sqrt,
+        warn_update_above=0.1,
+    )
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    # Attributed to a caller of step(), not to the package (here it is this file; mutmut's
+    # trampolines add frames, so the exact frame is not asserted).
+    assert Path(lehi.__file__).parent not in Path(caught[0].filename).parents
+    match = WARNING.match(message)
+    assert match, message
+    assert match.groups()[:4] == ("LEHI", "1", "param_groups[1][1]", "2,")
+    expected = 3 / math.sqrt(9 + 1) if eps_inside_sqrt else 3 / (3 + 1)
+    assert float(match.group(5)) == pytest.approx(expected, rel=2e-3)
+    assert message.endswith(
+        " × lr in max |m̂/(√v̂+ε)| (Adam's stays near 1): set update_clip (e.g. update_clip=1.0)"
+        " to bound each coordinate of the step (README: the ablation), or warn_update_above=None"
+        " to silence this"
+    )
+
+
+def test_the_warning_names_a_named_parameter_by_its_name():
+    small = torch.nn.Parameter(torch.zeros(1))
+    big = torch.nn.Parameter(torch.zeros(2))
+    caught = squared_gradient_steps(
+        [("small", small), ("big", big)], [[[0.1], [3.0, 1.0]]], eps=1.0, warn_update_above=0.5
+    )
+    assert len(caught) == 1
+    assert WARNING.match(str(caught[0].message)).group(3) == "'big'"
+
+
+def test_a_clipped_update_is_reported_at_the_clip_and_a_tie_names_the_first_tensor():
+    """β = (0.9, 0), ε = 0: step 1 with g = 1 is u = 1; step 2 with g = 10⁻³ is
+    u = m̂/|g| = ((0.9·0.1 + 0.1·10⁻³)/(1 − 0.9²))/10⁻³ ≈ 474 in both groups, clipped to 10:
+    the warning (threshold 5) comes at step 2 only, at 10 × lr, naming the first group's tensor."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(2))
+    caught = squared_gradient_steps(
+        [{"params": [p]}, {"params": [q]}],
+        [[[1.0, 1.0], [1.0, 1.0]], [[1e-3, 1e-3], [1e-3, 1e-3]]],
+        betas=(0.9, 0.0),
+        eps=0.0,
+        update_clip=10.0,
+        warn_update_above=5.0,
+    )
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    match = WARNING.match(str(caught[0].message))
+    assert match.group(2, 3) == ("2", "param_groups[0][0]")
+    assert float(match.group(5)) == 10.0
+
+
+def test_an_update_exactly_at_the_threshold_does_not_warn():
+    """β = (0, 0), ε = 0: every step is u = g/|g| = ±1 exactly, which a threshold of 1 (or
+    an update_clip equal to it) does not exceed."""
+    grads = [[[2.0, -4.0]]] * 3
+    for kwargs in ({}, {"update_clip": 1.0}, {"update_clip": 2.0}):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opts = dict(betas=(0.0, 0.0), eps=0.0, warn_update_above=1.0, **kwargs)
+        assert squared_gradient_steps([p], grads, **opts) == []
+
+
+@pytest.mark.parametrize("large_at", [WATCHED_STEPS, WATCHED_STEPS + 1])
+def test_the_watch_covers_exactly_the_first_watched_steps(large_at):
+    """β = (0.9, 0), ε = 0, g = 1 until the step ``large_at``, whose g = 10⁻³: the earlier
+    steps have u = m̂/|g| = 1, that one u = m̂/10⁻³ ≈ 850. Step 10 warns; step 11 is past the
+    watch."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    grads = [[[1.0]]] * (large_at - 1) + [[[1e-3]]]
+    caught = squared_gradient_steps([p], grads, betas=(0.9, 0.0), eps=0.0, warn_update_above=5.0)
+    m = 1 - 0.9 ** (large_at - 1)
+    expected = (0.9 * m + 0.1e-3) / (1 - 0.9**large_at) / 1e-3
+    if large_at > WATCHED_STEPS:
+        assert caught == []
+    else:
+        assert len(caught) == 1
+        match = WARNING.match(str(caught[0].message))
+        assert match.group(2) == str(large_at)
+        assert float(match.group(5)) == pytest.approx(expected, rel=2e-3)
+
+
+def test_a_fresh_watch_validates_its_threshold_and_has_nothing_to_report():
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="warn_update_above must be"):
+            UpdateWatch(bad)
+    assert UpdateWatch(None).active is False
+    watch = UpdateWatch(1.0)
+    assert watch.active
+    opt = LEHI([torch.nn.Parameter(torch.zeros(2))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.end_step(opt, 0)
+
+
+def test_largest_updates_stay_on_the_tensors_device_with_an_empty_tensor():
+    """An empty tensor's size 0 is made where the other sizes are (the meta device stands in
+    for an accelerator: a size on the CPU could not be stacked with them)."""
+    exp_avgs = [torch.zeros(0, device="meta"), torch.ones(3, device="meta")]
+    result = largest_updates(
+        exp_avgs,
+        [torch.ones_like(m) for m in exp_avgs],
+        [torch.tensor(1.0)] * 2,
+        [torch.tensor(1.0)] * 2,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        eps_inside_sqrt=False,
+        bias_correction=True,
+    )
+    assert result.device.type == "meta"
+    assert result.shape == (2,)

@@ -999,21 +999,32 @@ def test_accumulation_sums_the_auxiliary_gradients_a_micro_batch_lacks(sizes):
 
 # ------------------------------------------------------------- averaging across the ranks
 def test_reduce_across_ranks_averages_the_present_gradients_and_keeps_n_without_a_group():
-    """reduce_mean receives the gradients that exist (here a stand-in for a second rank that
-    holds other values: the mean of both); N stays local while no process group exists."""
+    """reduce_mean receives one tensor per parameter (zeros where this rank has no gradient)
+    and the 0/1 marks of which ones it reached (here a stand-in for a second rank that holds
+    other values: the mean of both). A parameter that either rank reached gets the mean, one
+    that neither reached stays None; N stays local while no process group exists."""
     assert not dist.is_initialized()
-    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([-2.0])]
-    others = [torch.tensor([3.0, 5.0]), torch.tensor([4.0])]
+    params = [torch.zeros(2), torch.zeros(3), torch.zeros(1), torch.zeros(2)]
+    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([-2.0]), None]
+    others = [
+        torch.tensor([3.0, 5.0]),
+        torch.tensor([4.0, 6.0, 8.0]),
+        torch.tensor([4.0]),
+        torch.zeros(2),
+        torch.tensor([1.0, 1.0, 1.0, 0.0]),  # the other rank reached all but the last
+    ]
 
     def mean_with_other_rank(tensors: list[Tensor]) -> None:
         assert len(tensors) == len(others)
         for t, other in zip(tensors, others):
             t.add_(other).div_(2)
 
-    assert reduce_across_ranks(mean_with_other_rank, grads, 7) == 7
-    assert torch.equal(grads[0], torch.tensor([2.0, 4.0]))
-    assert grads[1] is None
-    assert torch.equal(grads[2], torch.tensor([1.0]))
+    reduced, n = reduce_across_ranks(mean_with_other_rank, params, grads, 7)
+    assert n == 7
+    assert torch.equal(reduced[0], torch.tensor([2.0, 4.0]))
+    assert torch.equal(reduced[1], torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(reduced[2], torch.tensor([1.0]))
+    assert reduced[3] is None
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -1025,13 +1036,109 @@ def test_reduce_across_ranks_sums_n_over_a_one_rank_group(tmp_path: Path):
     )
     try:
         ranks = Distributed(rank=0, world_size=1, local_rank=0)
+        params = [torch.zeros(2), torch.zeros(1)]
         grads = [torch.tensor([1.5, -2.0]), None]
         n = 2**24 + 1
-        assert reduce_across_ranks(ranks.mean_, grads, n) == n
-        assert torch.equal(grads[0], torch.tensor([1.5, -2.0]))
-        assert grads[1] is None
+        reduced, total = reduce_across_ranks(ranks.mean_, params, grads, n)
+        assert total == n
+        assert torch.equal(reduced[0], torch.tensor([1.5, -2.0]))
+        assert reduced[1] is None
     finally:
         dist.destroy_process_group()
+
+
+def mean_with_rank_0(peer: list[Tensor]):
+    """A stand-in for the all-reduce mean of two ranks, seen from rank 1: rank 0's auxiliary
+    gradients are ``peer`` (filled in by the caller each step) and it reaches every parameter
+    (its marks are ones; a reduce that sends no marks stops at the gradients)."""
+
+    def reduce_mean(tensors: list[Tensor]) -> None:
+        for t, other in zip(tensors, [*peer, torch.ones(len(peer))]):
+            t.add_(other).div_(2)
+
+    return reduce_mean
+
+
+@pytest.mark.parametrize(
+    "loss, sizes",
+    [("cross_entropy", [16]), ("mse", [16]), ("cross_entropy", [8, 8])],
+    ids=["cross_entropy", "mse", "accumulation"],
+)
+def test_rank_1_of_2_given_rank_0s_mean_follows_the_one_process_reference(loss, sizes):
+    """Rank 1 holds the second half of every (micro-)batch. With its ordinary gradient and
+    its auxiliary gradient averaged with rank 0's (computed here from the first half and that
+    half's slice of the global draw of v), it takes the one-process reference's steps on the
+    whole batch: v is its slice of the global draw (from the loss gradient for cross-entropy,
+    recomputed for MSE and micro-batches) and a is the mean over the ranks before squaring."""
+    model = make_model(loss)
+    steps = make_steps(loss, [sizes] * 2)
+    o = Options()
+    expected = lehi_reference(model, loss, steps, o)
+    params = list(model.parameters())
+    opt = LEHI(params, loss=loss, ignore_index=IGNORE, sampler=SAMPLER, seed=SEED, **o.kwargs())
+    peer: list[Tensor] = []
+    opt.configure_data_parallel(mean_with_rank_0(peer), rank=1, world_size=2)
+    gen = torch.Generator().manual_seed(SEED)
+    for step in steps:
+        k = len(step)
+        g0 = [torch.zeros_like(p) for p in params]
+        a0 = [torch.zeros_like(p) for p in params]
+        for x, y in step:  # rank 0: the first half, its slice of the global v
+            half = len(x) // 2
+            v = draw_v(loss, model(x), y, gen)[:half]
+            z = model(x[:half])
+            aux = (v * z).sum() / terms(loss, y[:half]) / k
+            for total, part in ((g0, loss_of(loss, z, y[:half]) / k), (a0, aux)):
+                for acc, d in zip(total, torch.autograd.grad(part, params, retain_graph=True)):
+                    acc += d
+        peer[:] = a0
+        opt.zero_grad()
+        for i, (x, y) in enumerate(step):
+            half = len(x) // 2
+            z = model(x[half:])
+            f = loss_of(loss, z, y[half:])  # undivided for k = 1: v then reuses its gradient
+            opt.backward(f if k == 1 else f / k, z, y[half:], micro_batch=(i, k))
+            with pytest.raises(RuntimeError, match="second time"):
+                z.sum().backward()  # each call frees its (micro-)batch's graph
+        with torch.no_grad():  # the trainer's mean of the ordinary gradients
+            for p, g in zip(params, g0):
+                p.grad.add_(g).div_(2)
+        opt.step()
+    assert_matches_reference(params, expected)
+
+
+def test_a_rank_joined_after_a_resumed_refresh_draws_from_its_own_seed():
+    """A loaded generator state serves the first draw after loading, once: a multinomial rank
+    configured later starts the stream of its own seed, (seed·1,000,003 + rank) mod 2⁶³, and
+    its h (β2 = 0: the latest refresh's) is the square of a from that stream's v."""
+    model = make_model("cross_entropy")
+    steps = make_steps("cross_entropy", [[8]] * 3)
+    params = list(model.parameters())
+
+    def lehi():
+        return LEHI(
+            params,
+            betas=(0.9, 0.0),
+            sampler="multinomial",
+            ignore_index=IGNORE,
+            seed=SEED,
+            warn_update_above=None,
+        )
+
+    first = lehi()
+    run_steps(model, "cross_entropy", steps[:1], first)
+    resumed = lehi()
+    resumed.load_state_dict(checkpoint(first))
+    run_steps(model, "cross_entropy", steps[1:2], resumed)  # draws from the loaded state
+    resumed.configure_data_parallel(lambda tensors: None, rank=1, world_size=2)
+    ((x, y),) = steps[2]
+    rank_stream = torch.Generator().manual_seed((SEED * 1_000_003 + 1) % 2**63)
+    v = draw_v("cross_entropy", model(x), y, rank_stream, sampler="multinomial")
+    a = torch.autograd.grad((v * model(x)).sum() / terms("cross_entropy", y), params)
+    z = model(x)
+    resumed.backward(loss_of("cross_entropy", z, y), z, y)
+    for p, ai in zip(params, a):
+        torch.testing.assert_close(resumed.state[p]["exp_avg_curvature"], ai.square())
 
 
 # ------------------------------------------------------------------- hyper-parameter ranges
