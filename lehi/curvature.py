@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -306,6 +307,12 @@ def aux_grad_outputs(
 _VIEWS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
 
 
+def _saved_int(node: Any, name: str) -> int:
+    """An integer the graph saved; torch stores some (ignore_index, dim) as unsigned 64-bit."""
+    value = int(saved_attribute(node, name))
+    return value - 2**64 if value >= 2**63 else value
+
+
 def is_mean_cross_entropy(loss: Tensor, outputs: Tensor, ignore_index: int) -> bool:
     """Whether ``loss``'s graph is exactly the mean cross-entropy of ``outputs``.
 
@@ -317,16 +324,13 @@ def is_mean_cross_entropy(loss: Tensor, outputs: Tensor, ignore_index: int) -> b
     node = loss.grad_fn
     if type(node).__name__ != "NllLossBackward0" or outputs.grad_fn is None:
         return False
-    saved_index = int(saved_attribute(node, "ignore_index"))
-    if saved_index >= 2**63:  # stored as an unsigned 64-bit integer
-        saved_index -= 2**64
     reduction, weight = saved_attribute(node, "reduction"), saved_attribute(node, "weight")
-    if reduction != 1 or weight is not None or saved_index != ignore_index:
+    if reduction != 1 or weight is not None or _saved_int(node, "ignore_index") != ignore_index:
         return False
     node = node.next_functions[0][0]
     if type(node).__name__ != "LogSoftmaxBackward0":
         return False
-    if saved_attribute(node, "dim") not in (-1, saved_attribute(node, "result").dim() - 1):
+    if _saved_int(node, "dim") not in (-1, saved_attribute(node, "result").dim() - 1):
         return False
     node = node.next_functions[0][0]
     while type(node).__name__ in _VIEWS and node is not outputs.grad_fn:

@@ -252,12 +252,16 @@ def test_configure_data_parallel_reduces_aux_grads_and_picks_draws():
     opt.configure_data_parallel(reduce_mean, rank=1, world_size=2)
     assert opt.seed == 7 * 1_000_003 + 1
     one_refresh(opt, model, x, y)
-    assert reduced == [len(list(model.parameters()))]
+    assert reduced == [len(list(model.parameters())) + 1]  # the gradients and one mark
     single = LEHI(model.parameters(), seed=7)
     single.configure_data_parallel(reduce_mean, rank=0, world_size=1)
     assert single.seed == 7
     with pytest.raises(ValueError, match="rank"):
         single.configure_data_parallel(reduce_mean, rank=2, world_size=2)
+    exact = LEHI(model.parameters(), estimator="per_example", seed=7)
+    exact.configure_data_parallel(reduce_mean, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"^estimator='per_example' does not support data-par"):
+        exact.configure_data_parallel(reduce_mean, rank=0, world_size=2)
 
 
 # ------------------------------------------------------------------------------ builder

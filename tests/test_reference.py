@@ -373,9 +373,43 @@ class Case:
     ignored: int = 0
     scale: float = 1.0
 
+    routed: bool = False
+
+    def model(self) -> nn.Module:
+        return TwoExperts() if self.routed else make_model(self.loss)
+
     def steps(self) -> list[Step]:
         sizes = [list(s) for s in self.sizes]
-        return make_steps(self.loss, sizes, ignored=self.ignored, scale=self.scale)
+        steps = make_steps(self.loss, sizes, ignored=self.ignored, scale=self.scale)
+        if self.routed:  # the first half of every batch to expert 1, the second to expert 0
+            for step in steps:
+                for x, _ in step:
+                    half = len(x) // 2
+                    x[:half, 0] = x[:half, 0].abs() + 0.1
+                    x[half:, 0] = -x[half:, 0].abs() - 0.1
+        return steps
+
+
+class TwoExperts(nn.Module):
+    """A shared layer and two experts, each example sent to one by the sign of its first
+    input. An expert with no example is not called, as mixture-of-experts layers skip it, so
+    a batch that sends it nothing leaves its parameters without any gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.experts = nn.ModuleList(nn.Linear(6, 3) for _ in range(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        out = h.new_zeros(len(x), 3)
+        route = (x[:, 0] > 0).long()
+        for i, expert in enumerate(self.experts):
+            rows = (route == i).nonzero().squeeze(1)
+            if len(rows):
+                out = out.index_copy(0, rows, expert(h[rows]))
+        return out
 
 
 SOPHIA = Options(lr=0.01, betas=(0.9, 0.9), rho=0.5, weight_decay=0.1, hessian_every=1)
@@ -459,6 +493,8 @@ CASES = {
     ),
     # LEHIBrid
     "hybrid-max": Case(Options(hybrid="max"), dict(hybrid="sum")),
+    # a routed model: on two ranks each rank's half of the batch reaches one expert only
+    "routed": Case(Options(scale_by_batch=True), dict(scale_by_batch=False), routed=True),
     "hybrid-sum": Case(Options(hybrid="sum"), dict(hybrid="max")),
     "hybrid-max-h_floor": Case(Options(hybrid="max", h_floor=2.0), dict(h_floor=0.0)),
     # with h = g⊙g the hybrid still applies: sum folds 2·g⊙g
@@ -501,7 +537,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_optimizer_follows_the_reference(name, path):
     case = CASES[name]
-    model, steps = make_model(case.loss), case.steps()
+    model, steps = case.model(), case.steps()
     actual = run_optimizer(model, case.loss, steps, case.options, **PATHS[path])
     assert_matches_reference(actual, reference(model, case.loss, steps, case.options))
 
@@ -510,7 +546,7 @@ def test_optimizer_follows_the_reference(name, path):
 def test_each_case_exercises_its_option(name):
     """Flipping the case's option moves the reference far more than the tolerance allows."""
     case = CASES[name]
-    model, steps = make_model(case.loss), case.steps()
+    model, steps = case.model(), case.steps()
     expected = reference(model, case.loss, steps, case.options)
     flipped = reference(model, case.loss, steps, replace(case.options, **case.flip))
     assert largest_difference(expected, flipped) > CHANGED
@@ -519,7 +555,7 @@ def test_each_case_exercises_its_option(name):
 def test_sophia_clip_case_has_sampled_gradients_above_the_threshold():
     case = CASES["sophia-grad_clip"]
     norms: list[float] = []
-    sophia_reference(make_model(case.loss), case.loss, case.steps(), case.options, norms=norms)
+    sophia_reference(case.model(), case.loss, case.steps(), case.options, norms=norms)
     assert len(norms) == len(case.sizes)
     assert min(norms) > 3 * case.options.curvature_grad_clip, norms
 
@@ -528,7 +564,7 @@ def test_accumulation_takes_n_from_the_whole_step():
     """N of the accumulated step is 12; N = 9 (the last micro-batch's) gives another result."""
     for name in ("accumulation", "sophia-accumulation"):
         case = CASES[name]
-        model, steps = make_model(case.loss), case.steps()
+        model, steps = case.model(), case.steps()
         expected = reference(model, case.loss, steps, case.options)
         wrong = reference(model, case.loss, [s[-1:] for s in steps], case.options)
         assert largest_difference(expected, wrong) > CHANGED
@@ -556,8 +592,15 @@ def test_compiled_lehi_follows_the_reference():
 # -------------------------------------------------------------------------- data parallel
 #: Cases run on two gloo ranks, each on its half of every batch, against the one-process
 #: reference on the whole batch: N-scaling with the global N, LEHIBrid's g after the ranks'
-#: gradient mean, SophiaG's clip of the global ĝ, and the sliced draws of both losses.
-DATA_PARALLEL = ("scale_by_batch", "scale_by_batch-mse", "hybrid-max", "sophia-grad_clip")
+#: gradient mean, SophiaG's clip of the global ĝ, the sliced draws of both losses, and a
+#: routed model whose experts each rank reaches differently.
+DATA_PARALLEL = (
+    "scale_by_batch",
+    "scale_by_batch-mse",
+    "hybrid-max",
+    "sophia-grad_clip",
+    "routed",
+)
 
 
 def data_parallel_worker(rank: int, world_size: int, port: int, out: str) -> None:
@@ -569,8 +612,8 @@ def data_parallel_worker(rank: int, world_size: int, port: int, out: str) -> Non
         results = {}
         for name in DATA_PARALLEL:
             case = CASES[name]
-            model = make_model(case.loss)
-            ddp = DistributedDataParallel(model)
+            model = case.model()
+            ddp = DistributedDataParallel(model, find_unused_parameters=case.routed)
             o = case.options
             opt = o.cls(
                 model.parameters(),
@@ -605,7 +648,7 @@ def test_data_parallel_ranks_follow_the_one_process_reference(tmp_path: Path):
     results = torch.load(out)
     for name in DATA_PARALLEL:
         case = CASES[name]
-        model, steps = make_model(case.loss), case.steps()
+        model, steps = case.model(), case.steps()
         assert_matches_reference(results[name], reference(model, case.loss, steps, case.options))
 
 
@@ -636,17 +679,22 @@ def test_gradient_refresh_scaled_by_batch_without_backward_is_a_clear_error():
         opt.step()
 
 
+@pytest.mark.parametrize("groups", ["one group", "a group of its own"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("estimator", ["sampled", "per_example"])
-def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path):
+def test_a_parameter_without_curvature_takes_adams_first_step(estimator, path, groups):
     """A penalty-only parameter has g but no auxiliary gradient: it folds g⊙g (Adam's rule),
     so its first step is −lr·g/(|g| + ε). It is float64 here, so the multi-tensor path
-    updates two dtype groups."""
+    updates two dtype groups. In a parameter group after the model's, it is updated after
+    the model's group has moved the step counters: the same step still."""
     model = make_model("cross_entropy")
     extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
     ((x, y),) = make_steps("cross_entropy", [[8]])[0]
+    params = [*model.parameters(), extra]
+    if groups != "one group":
+        params = [{"params": list(model.parameters())}, {"params": [extra]}]
     opt = LEHI(
-        [*model.parameters(), extra],
+        params,
         lr=0.1,
         eps=1e-3,
         estimator=estimator,
@@ -876,7 +924,7 @@ HYBRID_CASES = {
 @pytest.mark.parametrize("name", list(HYBRID_CASES))
 def test_lehibrid_option_follows_the_reference(name, path):
     case = HYBRID_CASES[name]
-    model, steps = make_model(case.loss), case.steps()
+    model, steps = case.model(), case.steps()
     expected = reference(model, case.loss, steps, case.options)
     flipped = reference(model, case.loss, steps, replace(case.options, **case.flip))
     assert largest_difference(expected, flipped) > CHANGED
@@ -951,21 +999,32 @@ def test_accumulation_sums_the_auxiliary_gradients_a_micro_batch_lacks(sizes):
 
 # ------------------------------------------------------------- averaging across the ranks
 def test_reduce_across_ranks_averages_the_present_gradients_and_keeps_n_without_a_group():
-    """reduce_mean receives the gradients that exist (here a stand-in for a second rank that
-    holds other values: the mean of both); N stays local while no process group exists."""
+    """reduce_mean receives one tensor per parameter (zeros where this rank has no gradient)
+    and the 0/1 marks of which ones it reached (here a stand-in for a second rank that holds
+    other values: the mean of both). A parameter that either rank reached gets the mean, one
+    that neither reached stays None; N stays local while no process group exists."""
     assert not dist.is_initialized()
-    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([-2.0])]
-    others = [torch.tensor([3.0, 5.0]), torch.tensor([4.0])]
+    params = [torch.zeros(2), torch.zeros(3), torch.zeros(1), torch.zeros(2)]
+    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([-2.0]), None]
+    others = [
+        torch.tensor([3.0, 5.0]),
+        torch.tensor([4.0, 6.0, 8.0]),
+        torch.tensor([4.0]),
+        torch.zeros(2),
+        torch.tensor([1.0, 1.0, 1.0, 0.0]),  # the other rank reached all but the last
+    ]
 
     def mean_with_other_rank(tensors: list[Tensor]) -> None:
         assert len(tensors) == len(others)
         for t, other in zip(tensors, others):
             t.add_(other).div_(2)
 
-    assert reduce_across_ranks(mean_with_other_rank, grads, 7) == 7
-    assert torch.equal(grads[0], torch.tensor([2.0, 4.0]))
-    assert grads[1] is None
-    assert torch.equal(grads[2], torch.tensor([1.0]))
+    reduced, n = reduce_across_ranks(mean_with_other_rank, params, grads, 7)
+    assert n == 7
+    assert torch.equal(reduced[0], torch.tensor([2.0, 4.0]))
+    assert torch.equal(reduced[1], torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(reduced[2], torch.tensor([1.0]))
+    assert reduced[3] is None
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -977,11 +1036,13 @@ def test_reduce_across_ranks_sums_n_over_a_one_rank_group(tmp_path: Path):
     )
     try:
         ranks = Distributed(rank=0, world_size=1, local_rank=0)
+        params = [torch.zeros(2), torch.zeros(1)]
         grads = [torch.tensor([1.5, -2.0]), None]
         n = 2**24 + 1
-        assert reduce_across_ranks(ranks.mean_, grads, n) == n
-        assert torch.equal(grads[0], torch.tensor([1.5, -2.0]))
-        assert grads[1] is None
+        reduced, total = reduce_across_ranks(ranks.mean_, params, grads, n)
+        assert total == n
+        assert torch.equal(reduced[0], torch.tensor([1.5, -2.0]))
+        assert reduced[1] is None
     finally:
         dist.destroy_process_group()
 

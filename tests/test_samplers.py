@@ -308,5 +308,7 @@ def test_only_the_plain_mean_cross_entropy_of_the_outputs_is_recognised():
     flat = torch.randn(4, 6, requires_grad=True) * 1.0
     target = torch.randint(0, 6, (4,))
     assert is_mean_cross_entropy(F.nll_loss(F.log_softmax(flat, 1), target), flat, -100)
+    # torch saves dim=-1 as 2^64 - 1: it is the class dimension all the same.
+    assert is_mean_cross_entropy(F.nll_loss(F.log_softmax(flat, -1), target), flat, -100)
     assert not is_mean_cross_entropy(F.nll_loss(flat, target), flat, -100)
     assert not is_mean_cross_entropy(F.nll_loss(F.log_softmax(flat, 0), target), flat, -100)

@@ -57,19 +57,31 @@ def streaming_fold(
 
 
 def reduce_across_ranks(
-    reduce_mean: Callable[[list[Tensor]], None] | None, grads: list[Tensor | None], n: int
-) -> int:
-    """Average the auxiliary gradients across ranks (in place); the global N."""
+    reduce_mean: Callable[[list[Tensor]], None] | None,
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    n: int,
+) -> tuple[list[Tensor | None], int]:
+    """The auxiliary gradients averaged across ranks, and the global N.
+
+    Which parameters the auxiliary pass reaches can differ between ranks (a routed model
+    whose expert saw none of this rank's tokens), so every rank reduces one tensor per
+    parameter (zeros where it has no gradient) and a 0/1 mark per parameter: the ranks'
+    all-reduces always match. A parameter that no rank reached stays without one (None).
+    """
     if reduce_mean is None:
-        return n
-    # Which parameters have no path to the outputs depends on the model alone, so every
-    # rank reduces the same list.
-    reduce_mean([a for a in grads if a is not None])
+        return grads, n
+    filled = [torch.zeros_like(p) if a is None else a for p, a in zip(params, grads)]
+    reached = torch.tensor(
+        [a is not None for a in grads], dtype=torch.float32, device=params[0].device
+    )
+    reduce_mean([*filled, reached])
+    grads = [a if r > 0 else None for a, r in zip(filled, reached.tolist())]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         total = torch.tensor([n], dtype=torch.float64)
         torch.distributed.all_reduce(total)
-        return int(total.item())
-    return n
+        return grads, int(total.item())
+    return grads, n
 
 
 def per_example_roots(

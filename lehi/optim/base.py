@@ -137,6 +137,12 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
             raise ValueError(f"rank={rank} and world_size={world_size}: need 0 <= rank < size")
         if world_size == 1:
             return
+        if self.estimator == "per_example":
+            # Its h sums squares over the rank's own examples; no rank would see the others'.
+            raise ValueError(
+                "estimator='per_example' does not support data-parallel runs "
+                "(world_size > 1): use estimator='sampled'"
+            )
         self._reduce_mean = reduce_mean
         if self.sampler == "inverse_cdf" or self.loss_name == "mse":
             self._shard = (rank, world_size)
@@ -223,11 +229,15 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
                 column.append(state[key])
         return params, grads, entries
 
-    def _without_curvature(self, params: list[Tensor]) -> list[bool]:
-        """For each parameter: whether this step refreshed the curvature but not its own."""
+    def _without_curvature(self) -> Callable[[Tensor], bool]:
+        """Whether a parameter's curvature was left out of this step's refresh (no path to the
+        outputs); on a step without a refresh, none was. Ask before the step's first update:
+        it moves the step counters that :meth:`steps_taken` reads, and later groups would then
+        see a step without a refresh."""
         if not (self.needs_aux_pass() and self._curvature_ready_at == self.steps_taken()):
-            return [False] * len(params)
-        return [p not in self._refreshed for p in params]
+            return lambda p: False
+        refreshed = self._refreshed
+        return lambda p: p not in refreshed
 
     # ------------------------------------------------------------------------ the one call
     def backward(
@@ -373,7 +383,7 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
             last = draw == draws - 1
             grads = aux_grads(outputs, v, params, retain_graph=retain_graph or not last)
             del v
-            n = reduce_across_ranks(self._reduce_mean, grads, n)
+            grads, n = reduce_across_ranks(self._reduce_mean, params, grads, n)
             if draws == 1:
                 self._fold_set(params, grads, n)
                 return
@@ -411,7 +421,7 @@ class CurvatureOptimizer(Optimizer, metaclass=abc.ABCMeta):
         grads, n = self._accumulated, self._accumulated_terms
         self._accumulated, self._accumulated_terms = None, 0
         self._refreshed = set()
-        self._fold_set(params, grads, reduce_across_ranks(self._reduce_mean, grads, n))
+        self._fold_set(params, *reduce_across_ranks(self._reduce_mean, params, grads, n))
         self._finish_refresh()
 
     def _fold_set(self, params: list[Tensor], grads: list[Tensor | None], n: int) -> None:

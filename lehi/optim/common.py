@@ -74,12 +74,9 @@ def check_hyperparameters(**values: Any) -> None:
 
 
 def increment(counters: list[Tensor]) -> None:
-    """counters += 1. For CPU counters one wrapped 1.0 for all, as torch.optim.Adam does:
-    ``_foreach_add_(counters, 1)`` would wrap the scalar again for every tensor."""
-    if counters[0].is_cpu:
-        torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
-    else:
-        torch._foreach_add_(counters, 1)
+    """counters += 1 (they live on the CPU: :data:`COUNTERS`), with one wrapped 1.0 for all,
+    as torch.optim.Adam does: ``_foreach_add_(counters, 1)`` would wrap it for every tensor."""
+    torch._foreach_add_(counters, torch.tensor(1.0), alpha=1.0)
 
 
 def bias_corrections(beta: float, steps: Sequence[Tensor], enabled: bool = True) -> list[float]:

@@ -286,6 +286,7 @@ class LEHI(CurvatureOptimizer):
         self._check_curvature_arrived()
         # estimator="squared_gradient" and the grad warm-up: h = g⊙g for every parameter.
         from_gradient = self.wants_curvature() and not self.needs_aux_pass()
+        without_curvature = self._without_curvature()
         watch = self._update_watch
         if watch.active:
             watch.begin_step(self.steps_taken())
@@ -296,9 +297,7 @@ class LEHI(CurvatureOptimizer):
             )
             if not params:
                 continue
-            missing = [from_gradient] * len(params)
-            if not from_gradient:
-                missing = self._without_curvature(params)
+            missing = [from_gradient or without_curvature(p) for p in params]
             if any(missing):
                 pick = [i for i, m in enumerate(missing) if m]
                 self._fold_gradient_squares(
