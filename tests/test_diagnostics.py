@@ -419,3 +419,44 @@ def test_a_diverging_trajectory_is_recorded_and_stops(tmp_path, monkeypatch):
     assert trajectory["divergence"].iloc[-1] == "non_finite"
     assert set(frame["checkpoint"]) == {"init"}
     assert "diverged" in (tmp_path / "diagnostics.md").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- Sophia's clipped share
+@pytest.mark.parametrize("rho", [0.04, 0.5, 50.0])
+def test_sophia_clipped_share_is_the_share_of_coordinates_stepping_lr(rho):
+    """The diagnostic's share, read from the state, against the step actually taken: a clipped
+    coordinate moves by exactly lr (no weight decay), any other by less."""
+    from lehi.diagnostics.sophia_clip import clipped_share
+    from lehi.optim import SophiaG, backward
+
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    lr = 1e-2
+    opt = SophiaG(model.parameters(), lr=lr, rho=rho, weight_decay=0.0, seed=0, hessian_every=2)
+    for _ in range(3):
+        opt.zero_grad()
+        outputs = model(x)
+        backward(opt, F.cross_entropy(outputs, y), outputs, y)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    moving, share = clipped_share(opt)
+    deltas = [(p.detach() - b).abs() for p, b in zip(model.parameters(), before)]
+    m = [opt.state[p]["exp_avg"] for p in model.parameters()]
+    full = sum(int(((d >= lr * (1 - 1e-5)) & (mm != 0)).sum()) for d, mm in zip(deltas, m))
+    assert moving == sum(int((mm != 0).sum()) for mm in m) > 0
+    assert share == pytest.approx(full / moving)
+
+
+def test_sophia_clip_rows_come_from_a_run_built_as_run_py_builds_it(tmp_path):
+    from lehi.diagnostics.sophia_clip import COLUMNS, main
+
+    out = tmp_path / "clip.csv"
+    assert (
+        main(["--out", str(out), "--experiments", "digits", "--lrs", "1e-3", "--steps", "11"]) == 0
+    )
+    table = pd.read_csv(out)
+    assert tuple(table.columns) == COLUMNS
+    assert list(table["step"]) == [1, 2, 10, 11]
+    assert table["clipped_share"].between(0, 1).all()
+    assert "| digits | 0.001 | 0 | 11 |" in out.with_suffix(".md").read_text()
