@@ -23,6 +23,7 @@ __all__ = [
     "render_markdown",
     "select_lines",
     "write_report",
+    "write_table",
 ]
 
 REFERENCE_TRAJECTORY = "adam"
@@ -211,3 +212,13 @@ def write_report(folder: str | Path) -> Path:
     path = folder / "diagnostics.md"
     atomic_write_text(path, render_markdown(frame, trajectories, meta))
     return path
+
+
+def write_table(out: str | Path, table: pd.DataFrame, markdown: str) -> Path:
+    """A diagnostic's table as ``out`` (CSV) and its Markdown next to it (same name, ``.md``),
+    each written atomically; says so on stdout and returns the CSV's path."""
+    out = Path(out)
+    atomic_write_text(out, table.to_csv(index=False))
+    atomic_write_text(out.with_suffix(".md"), markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return out

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from lehi.config import compose
-from lehi.io import atomic_write_text
+from lehi.diagnostics.report import write_table
 from lehi.optim import SophiaG
 from lehi.runner import build, plan
 
@@ -139,10 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in measure(e, lr, seed, args.steps, args.data_dir)
     ]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    out = Path(args.out)
-    atomic_write_text(out, table.to_csv(index=False))
-    atomic_write_text(out.with_suffix(".md"), render_markdown(table))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_table(args.out, table, render_markdown(table))
     return 0
 
 

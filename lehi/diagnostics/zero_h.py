@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lehi.config import compose
-from lehi.io import atomic_write_text
+from lehi.diagnostics.report import write_table
 from lehi.optim import LEHI, backward, build_optimizer
 from lehi.runner import build, plan
 
@@ -289,10 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.experiments or experiments(data_dir)
     steps = [s for e in names for seed in args.seeds for s in first_step(e, seed, data_dir)]
     table = summarise(steps)
-    out = Path(args.out)
-    atomic_write_text(out, table.to_csv(index=False))
-    atomic_write_text(out.with_suffix(".md"), render_markdown(table))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_table(args.out, table, render_markdown(table))
     return 0
 
 
