@@ -337,3 +337,40 @@ def test_a_tampered_loss_fails_naming_the_run(clone: Path, tmp_path: Path):
     out = results_cli(clone, "verify", "tiny", "--root", str(tampered), "--no-write")
     assert out.returncode == 1
     assert f"tiny/adam/lr=0.001/{metrics.parent.name}: row 4" in out.stdout, out.stdout
+
+
+def test_labels_reverify_one_label_and_keep_the_others_replays(clone: Path, tmp_path: Path):
+    root = tmp_path / "results"
+    shutil.copytree(clone / "results", root)
+    metrics = next((root / "tiny" / "adam").glob("lr=0.001/seed=0-*/metrics.csv"))
+    original = metrics.read_text()
+    table = list(csv.DictReader(metrics.open()))
+    table[3]["loss"] = repr(float(table[3]["loss"]) * 1.001)
+    with metrics.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    assert results_cli(clone, "verify", "tiny", "--root", str(root)).returncode == 1
+    verified = root / "tiny" / "verified.json"
+    before = json.loads(verified.read_text())
+    assert before["labels"]["adam"] is False
+
+    metrics.write_text(original)  # the run made again as it was
+    out = results_cli(clone, "verify", "tiny", "--root", str(root), "--labels", "adam")
+    after = json.loads(verified.read_text())
+    assert after["labels"]["adam"] is True, out.stdout + out.stderr
+    # lehi's replays are the earlier ones, kept as they were, whatever they said
+    assert after["labels"]["lehi"] == before["labels"]["lehi"]
+    kept = [o for o in after["replays"] if o["label"] == "lehi"]
+    assert kept == [o for o in before["replays"] if o["label"] == "lehi"] and kept
+    assert len(after["replays"]) == len(before["replays"])
+    assert after["seconds"] > before["seconds"]
+    assert out.returncode == (0 if after["labels"]["lehi"] else 1)
+
+    unknown = results_cli(clone, "verify", "tiny", "--root", str(root), "--labels", "sophia")
+    assert (
+        unknown.returncode == 2 and "no runs labelled sophia; labels: adam, lehi" in unknown.stderr
+    )
+    verified.write_text(json.dumps({**after, "training_code": "0" * 16}))
+    other = results_cli(clone, "verify", "tiny", "--root", str(root), "--labels", "adam")
+    assert other.returncode == 2 and "another training code" in other.stderr, other.stderr

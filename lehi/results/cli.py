@@ -104,6 +104,13 @@ def _verify(argv: Sequence[str]) -> int:
         f"(default {verify.PREFIX_EVERY})",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write verified.json")
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        default=(),
+        help="re-verify only these optimizer labels; the others' replays are kept from "
+        "verified.json (same training code, machine and mode)",
+    )
     args = parser.parse_args(argv)
     start = last = time.perf_counter()
 
@@ -122,6 +129,7 @@ def _verify(argv: Sequence[str]) -> int:
             prefix_every=max(1, args.prefix_every),
             write=not args.no_write,
             on_done=done,
+            labels=args.labels,
         )
     except verify.VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)

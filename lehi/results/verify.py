@@ -24,6 +24,11 @@ above it, in which case the replay runs pinned to the recorded capability
 horizon. Statuses must agree in both modes, and a verification whose every replayed row equals
 the recorded one is ``identical`` whichever mode allowed it. The result, per label, goes to
 ``<root>/<exp>/verified.json``; ``python -m lehi.results check`` carries runs forward with it.
+
+``labels`` re-verifies some optimizer labels of an experiment and keeps the other labels'
+replays from its verified.json, which must be of the same training code, machine and mode
+(:func:`merge_labels`): after a run of one label is regenerated, its label is verified again
+without replaying the others.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ __all__ = [
     "Replay",
     "Verification",
     "compare_rows",
+    "merge_labels",
     "plan_replays",
     "replay_capability",
     "verify",
@@ -540,8 +546,10 @@ def verify(
     scratch: str | Path | None = None,
     write: bool = True,
     on_done: Callable[[Verification], None] | None = None,
+    labels: Sequence[str] = (),
 ) -> list[Verification]:
-    """Verify each experiment under ``root`` (all when ``experiments`` is empty)."""
+    """Verify each experiment under ``root`` (all when ``experiments`` is empty); with
+    ``labels``, only those optimizer labels, the others kept from verified.json."""
     from lehi.results import store
 
     root = Path(root)
@@ -574,7 +582,17 @@ def verify(
             ]
             results.append(
                 _verify_experiment(
-                    root, exp, rows, here, commit, data_dir, jobs, prefix_every, scratch_root, write
+                    root,
+                    exp,
+                    rows,
+                    here,
+                    commit,
+                    data_dir,
+                    jobs,
+                    prefix_every,
+                    scratch_root,
+                    write,
+                    labels,
                 )
             )
             if on_done is not None:
@@ -601,6 +619,7 @@ def _verify_experiment(
     prefix_every: int,
     scratch: Path,
     write: bool,
+    labels: Sequence[str] = (),
 ) -> Verification:
     replays = plan_replays(rows, prefix_every)
     paths = {r["run"]: r["path"] for r in rows}
@@ -609,10 +628,69 @@ def _verify_experiment(
         "training_code": record.training_code_digest(experiment=exp),
         "dirty": _training_code_dirty(exp),
     }
+    previous = None
+    if labels:
+        present = {r.label for r in replays}
+        unknown = [label for label in labels if label not in present]
+        if unknown:
+            raise VerifyError(
+                f"{exp}: no runs labelled {', '.join(unknown)}; labels: {', '.join(sorted(present))}"
+            )
+        previous = read_verification(root / exp)
+        _check_kept(exp, previous, here, head)  # before replaying anything
+        replays = [r for r in replays if r.label in labels]
     verification, seconds = replay_all(exp, replays, paths, here, data_dir, jobs, scratch)
+    if labels:
+        verification, seconds = merge_labels(previous, verification, here, head, seconds)
     if write:
         _write(root / exp / VERIFIED, verification, here, head, seconds)
     return verification
+
+
+def _check_kept(
+    exp: str,
+    previous: Mapping[str, Any] | None,
+    here: Mapping[str, Any],
+    head: Mapping[str, Any],
+    comparison: str | None = None,
+) -> None:
+    """Raise VerifyError unless ``previous`` (a verified.json) verified HEAD's training code,
+    committed, on this machine (and, given ``comparison``, in that mode): only then are its
+    replays still evidence at HEAD."""
+    if previous is None:
+        raise VerifyError(f"{exp}: no verified.json to keep the other labels from; verify it all")
+    same = {
+        "training code": (previous.get("training_code"), head["training_code"]),
+        "machine": (previous.get("machine"), dict(here)),
+    }
+    if comparison is not None:
+        same["comparison"] = (previous.get("comparison"), comparison)
+    for what, (was, now) in same.items():
+        if was != now:
+            raise VerifyError(
+                f"{exp}: its verified.json has another {what} ({was} against {now}); verify it all"
+            )
+    if previous.get("training_code_dirty") or head["dirty"]:
+        raise VerifyError(f"{exp}: uncommitted training code; commit it and verify it all")
+
+
+def merge_labels(
+    previous: Mapping[str, Any] | None,
+    fresh: Verification,
+    here: Mapping[str, Any],
+    head: Mapping[str, Any],
+    seconds: float,
+) -> tuple[Verification, float]:
+    """``fresh`` (the replays of some labels) with the other labels' replays of ``previous``
+    (a verified.json, checked by :func:`_check_kept`), and the seconds of both."""
+    _check_kept(fresh.experiment, previous, here, head, fresh.comparison)
+    assert previous is not None  # _check_kept raised otherwise
+    relabelled = {o.label for o in fresh.outcomes}
+    kept = [Outcome(**o) for o in previous.get("replays", []) if o.get("label") not in relabelled]
+    merged = Verification(fresh.experiment, fresh.comparison)
+    merged.outcomes = sorted([*kept, *fresh.outcomes], key=lambda o: o.run)
+    merged.capabilities = sorted({*previous.get("replayed_capabilities", []), *fresh.capabilities})
+    return merged, float(previous.get("seconds") or 0.0) + seconds
 
 
 def replay_all(
