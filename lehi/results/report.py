@@ -54,7 +54,7 @@ def _provenance_line(results: Results) -> str:
     parts = []
     for c in results.commits.to_dict("records"):
         name = f"`{c['git_commit'][:7]}`" if c["git_commit"] else "unknown commit"
-        notes = [f"{c['n_runs']} runs"]
+        notes = [f"{c['n_runs']} run{'s' if c['n_runs'] != 1 else ''}"]
         if c["n_dirty"]:
             notes.append(f"{c['n_dirty']} from a dirty tree")
         if c["n_unknown"]:
