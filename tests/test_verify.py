@@ -324,24 +324,10 @@ def test_scratch_clone_comment_passes_eps_change_fails_and_tampering_is_named(cl
     assert all("verification failed for lehi" in x for x in stale)
 
 
-def test_a_tampered_loss_fails_naming_the_run(clone: Path, tmp_path: Path):
-    tampered = tmp_path / "results"
-    shutil.copytree(clone / "results", tampered)
-    metrics = next((tampered / "tiny" / "adam").glob("lr=0.001/seed=0-*/metrics.csv"))
-    table = list(csv.DictReader(metrics.open()))
-    table[3]["loss"] = repr(float(table[3]["loss"]) * 1.001)
-    with metrics.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
-    out = results_cli(clone, "verify", "tiny", "--root", str(tampered), "--no-write")
-    assert out.returncode == 1
-    assert f"tiny/adam/lr=0.001/{metrics.parent.name}: row 4" in out.stdout, out.stdout
-
-
-def test_labels_reverify_one_label_and_keep_the_others_replays(clone: Path, tmp_path: Path):
-    root = tmp_path / "results"
-    shutil.copytree(clone / "results", root)
+def tamper_adam_loss(source: Path, root: Path) -> tuple[Path, str]:
+    """Copy ``source`` (results) to ``root`` and raise one Adam run's 4th loss by 0.1 %:
+    its metrics.csv and the file's original text."""
+    shutil.copytree(source, root)
     metrics = next((root / "tiny" / "adam").glob("lr=0.001/seed=0-*/metrics.csv"))
     original = metrics.read_text()
     table = list(csv.DictReader(metrics.open()))
@@ -350,6 +336,20 @@ def test_labels_reverify_one_label_and_keep_the_others_replays(clone: Path, tmp_
         writer = csv.DictWriter(f, fieldnames=list(table[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
+    return metrics, original
+
+
+def test_a_tampered_loss_fails_naming_the_run(clone: Path, tmp_path: Path):
+    tampered = tmp_path / "results"
+    metrics, _ = tamper_adam_loss(clone / "results", tampered)
+    out = results_cli(clone, "verify", "tiny", "--root", str(tampered), "--no-write")
+    assert out.returncode == 1
+    assert f"tiny/adam/lr=0.001/{metrics.parent.name}: row 4" in out.stdout, out.stdout
+
+
+def test_labels_reverify_one_label_and_keep_the_others_replays(clone: Path, tmp_path: Path):
+    root = tmp_path / "results"
+    metrics, original = tamper_adam_loss(clone / "results", root)
     assert results_cli(clone, "verify", "tiny", "--root", str(root)).returncode == 1
     verified = root / "tiny" / "verified.json"
     before = json.loads(verified.read_text())
