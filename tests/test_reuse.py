@@ -102,3 +102,41 @@ def test_an_ablations_reference_readings_compute_its_main_sweeps_runs(reading, m
     assert computation(ablation) == computation(same)
     clipped = composed(f"experiment=ablation_{main}", "reading=lehi_update_clip")
     assert computation(clipped) != computation(same)
+
+
+def test_an_adopted_run_is_current_while_the_run_it_adopted_is(tmp_path, one_thread):
+    """``check``: both runs carry the first commit's env (training code long changed); a
+    passing verification of the source's experiment makes the source current, and with it the
+    adopted run, which has none of its own, until its rows stop being the source's."""
+    from lehi import record
+    from lehi.results import provenance
+
+    if record.git("rev-parse", "HEAD") is None:
+        pytest.skip("not a git checkout")
+    first = record.git("rev-list", "--max-parents=0", "HEAD").split()[0]
+    results = tmp_path / "results"
+    source = train_source(results)
+    source.write_env({**source.read_env(), "git_commit": first})
+    cfg = config(results, "ablation", "experiment.reuse_from=[main]")
+    adopted = RunRecord(record_dir(results, cfg))
+    assert run(cfg)["reused_from"]
+
+    def listed() -> list[str]:
+        provenance.code_state.cache_clear()
+        findings, n_runs = provenance.check(results)
+        assert n_runs == 2
+        return sorted(f.run.split("/")[0] for f in findings)
+
+    assert listed() == ["ablation", "main"]  # no verification anywhere
+    verified = {
+        "training_code": record.training_code_digest(experiment="main"),
+        "training_code_dirty": False,
+        "labels": {"lehi": True},
+    }
+    (results / "main" / "verified.json").write_text(json.dumps(verified))
+    provenance._head_training_code.cache_clear()
+    assert listed() == []
+    rows = adopted.read_metrics()
+    rows[-1]["loss"] += 1e-9
+    adopted.write_metrics(rows)
+    assert listed() == ["ablation"]

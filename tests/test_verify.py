@@ -374,3 +374,30 @@ def test_labels_reverify_one_label_and_keep_the_others_replays(clone: Path, tmp_
     verified.write_text(json.dumps({**after, "training_code": "0" * 16}))
     other = results_cli(clone, "verify", "tiny", "--root", str(root), "--labels", "adam")
     assert other.returncode == 2 and "another training code" in other.stderr, other.stderr
+
+
+def test_a_changed_summary_rule_leaves_rows_equal_and_lists_every_stale_summary(clone: Path):
+    """Last-2 instead of last-3 in lehi/summary.py: every replay is identical, yet each
+    summary.json whose window held 3 evaluations now says something HEAD would not write;
+    verify fails naming them and check lists each of them (the replays alone would have
+    carried them all forward)."""
+    conf = clone / "conf" / "optimizer" / "lehi.yaml"
+    conf.write_text(conf.read_text().replace("eps: 1.0e-6", "eps: 1.0e-8"))  # as published
+    rule = clone / "lehi" / "summary.py"
+    rule.write_text(rule.read_text().replace("LAST_WINDOW = 3", "LAST_WINDOW = 2"))
+    commit(clone, "a last-2 window")
+    out = results_cli(clone, "verify", "tiny")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "identical (exact" in out.stdout
+    windowed = {run for run, s in summaries(clone).items() if s["last3"]["n"] == 3}
+    n = len(windowed)
+    assert n >= 2, windowed
+    assert f"{n} summary.json(s) not what HEAD derives from their rows" in out.stdout, out.stdout
+    verified = json.loads((clone / "results" / "tiny" / "verified.json").read_text())
+    assert verified["labels"] == {"adam": True, "lehi": True}
+    differences = verified["stale_summaries"]
+    assert set(differences) == windowed
+    assert all(d.startswith("last3.") and "HEAD" in d for d in differences.values()), differences
+    check = results_cli(clone, "check")
+    assert check.returncode == 1 and check.stdout.count("summary.json is not what HEAD") == n
+    assert f"{n} of 4 run(s)" in check.stdout and f"({n} stale summary)" in check.stdout

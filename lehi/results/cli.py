@@ -139,7 +139,7 @@ def _verify(argv: Sequence[str]) -> int:
         f"verify: {len(results)} experiment(s) in {time.perf_counter() - start:.0f} s "
         f"(load average now {load})"
     )
-    return 0 if all(v.ok for v in results) else 1
+    return 0 if all(v.ok and not v.stale_summaries for v in results) else 1
 
 
 def _tune(argv: Sequence[str]) -> int:

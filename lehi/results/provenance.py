@@ -5,7 +5,10 @@ A run is current when it was made from a clean tree and either its experiment's 
 other) at its commit equals HEAD's, or its experiment holds a passing verification
 (``<exp>/verified.json``, written by ``python -m lehi.results verify``) made at a clean tree
 whose training code for that experiment equals HEAD's, in which every replay of the run's
-optimizer label reproduced its rows. Everything else is listed: a run from a dirty tree (or without a dirty
+optimizer label reproduced its rows, and which did not find the run's summary.json stale (not
+what HEAD derives from its rows). A run adopted from another experiment (``reused_from``, the
+same computation, lehi.reuse) is also current when the run it adopted is current and holds the
+same metrics.csv. Everything else is listed: a run from a dirty tree (or without a dirty
 flag), a run whose commit is unknown here, and a run whose training code changed with no such
 verification. Analysis code (lehi/results, the diagnostics, plots) never makes a run stale,
 and judgements made from the rows (``no_progress``, trained) are lehi.results' own.
@@ -23,6 +26,7 @@ import pandas as pd
 
 from lehi import record
 from lehi.results import store
+from lehi.reuse import computation
 
 REPO = record.REPO
 
@@ -69,6 +73,14 @@ def verified_labels(exp_dir: Path) -> tuple[dict[str, bool], str]:
     return (labels if isinstance(labels, dict) else {}), "its verification failed"
 
 
+def stale_summary(exp_dir: Path, run: str) -> str | None:
+    """The difference the experiment's verification found in ``run``'s summary.json, if any."""
+    from lehi.results.verify import read_verification
+
+    stale = (read_verification(exp_dir) or {}).get("stale_summaries")
+    return stale.get(run) if isinstance(stale, dict) else None
+
+
 @cache
 def _head_training_code(experiment: str) -> str | None:
     return record.training_code_digest(experiment=experiment)
@@ -86,6 +98,13 @@ def _reasons(run: dict, root: Path) -> list[tuple[str, str]]:
         return reasons
     labels, why = verified_labels(root / run["experiment"])
     if labels.get(run["optimizer"]) is True:
+        difference = stale_summary(root / run["experiment"], run["run"])
+        if difference is not None:
+            detail = (
+                f"summary.json is not what HEAD derives from its metrics.csv ({difference}; "
+                f"{run['experiment']}/verified.json): make the run again"
+            )
+            reasons.append(("stale summary", detail))
         return reasons
     if run["optimizer"] in labels:
         why = f"its verification failed for {run['optimizer']}"
@@ -96,6 +115,20 @@ def _reasons(run: dict, root: Path) -> list[tuple[str, str]]:
     return reasons
 
 
+def _current_source(run: dict, by_folder: dict[str, dict], root: Path) -> bool:
+    """Whether ``run`` adopted (lehi.reuse) a run that is current, with the same metrics.csv:
+    the same computation, so what reproduces the source reproduces it."""
+    reused_from = (record.RunRecord(run["path"]).read_summary() or {}).get("reused_from")
+    source = by_folder.get(reused_from) if isinstance(reused_from, str) else None
+    if source is None or _reasons(source, root):
+        return False
+    own, theirs = (record.RunRecord(r["path"]) for r in (run, source))
+    same_computation = computation(own.read_config() or {}) == computation(
+        theirs.read_config() or {}
+    )
+    return same_computation and own.metrics.read_bytes() == theirs.metrics.read_bytes()
+
+
 def check(root: str | Path = "results") -> tuple[list[Finding], int]:
     """The listed runs under ``root`` and how many runs were checked."""
     runs = store.load_runs(root)
@@ -103,8 +136,11 @@ def check(root: str | Path = "results") -> tuple[list[Finding], int]:
         return [], 0
     runs = runs.astype({"git_dirty": object}).where(pd.notna(runs), None)
     findings = []
-    for run in runs.to_dict("records"):
+    by_folder = {run["run"]: run for run in runs.to_dict("records")}
+    for run in by_folder.values():
         reasons = _reasons(run, Path(root))
+        if reasons and _current_source(run, by_folder, Path(root)):
+            reasons = []
         if reasons:
             kinds = tuple(k for k, _ in reasons)
             findings.append(Finding(run["run"], kinds, "; ".join(d for _, d in reasons)))

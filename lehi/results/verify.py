@@ -25,6 +25,12 @@ horizon. Statuses must agree in both modes, and a verification whose every repla
 the recorded one is ``identical`` whichever mode allowed it. The result, per label, goes to
 ``<root>/<exp>/verified.json``; ``python -m lehi.results check`` carries runs forward with it.
 
+Replays test the rows; the summary's validation figures (initial, final, best, last-3) are
+derived from the rows by :func:`lehi.summary.validation_summary`, so a change there leaves
+every row equal and every summary stale. Verification therefore also derives them afresh from
+each run's metrics.csv, for every run of the experiment (it costs a CSV read), and records the
+runs whose summary.json differs (``stale_summaries``); ``check`` lists them.
+
 ``labels`` re-verifies some optimizer labels of an experiment and keeps the other labels'
 replays from its verified.json, which must be of the same training code, machine and mode
 (:func:`merge_labels`): after a run of one label is regenerated, its label is verified again
@@ -50,6 +56,7 @@ import yaml
 
 from lehi import record
 from lehi.io import atomic_write_text
+from lehi.summary import validation_summary
 
 __all__ = [
     "REL_TOLERANCE",
@@ -59,6 +66,7 @@ __all__ = [
     "merge_labels",
     "plan_replays",
     "replay_capability",
+    "summary_difference",
     "verify",
 ]
 
@@ -129,6 +137,8 @@ class Verification:
     comparison: str  # "exact" | "tolerance"
     outcomes: list[Outcome] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=list)  # the pins of an exact comparison
+    #: run → its first difference, where summary.json is not what HEAD derives from its rows
+    stale_summaries: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +166,17 @@ class Verification:
         return result
 
     def line(self) -> str:
+        """The verdict on the replays, then the stale summaries, if any."""
+        stale = self.stale_summaries
+        if not stale:
+            return self._replays_line()
+        run, difference = next(iter(sorted(stale.items())))
+        return (
+            f"{self._replays_line()}; {len(stale)} summary.json(s) not what HEAD derives from "
+            f"their rows (e.g. {run}: {difference})"
+        )
+
+    def _replays_line(self) -> str:
         full = sum(o.mode == "full" for o in self.outcomes)
         prefix = len(self.outcomes) - full
         head = f"{self.experiment}: verified: {full} full, {prefix} prefix"
@@ -210,6 +231,19 @@ def plan_replays(
     rest = [r for r in rest if r["status"] in ("completed", "diverged")]
     prefix = [Replay(r["run"], r["label"], "prefix") for r in rest[::prefix_every]]
     return sorted([*full.values(), *prefix], key=lambda r: r.run)
+
+
+def summary_difference(run_dir: str | Path) -> str | None:
+    """Where the run's summary.json differs from the validation figures HEAD's
+    :func:`~lehi.summary.validation_summary` derives from its metrics.csv (the first dotted key,
+    both values), or None. ``initial.train_loss`` is the trainer's own figure, not the rows'."""
+    run = record.RunRecord(run_dir)
+    summary = run.read_summary() or {}
+    derived = record.json_safe(validation_summary(run.read_metrics()))
+    recorded = {key: summary.get(key) for key in derived}
+    if isinstance(recorded["initial"], dict):
+        recorded["initial"] = {k: v for k, v in recorded["initial"].items() if k != "train_loss"}
+    return first_difference(recorded, derived)
 
 
 def _finite(x: Any) -> bool:
@@ -642,6 +676,8 @@ def _verify_experiment(
     verification, seconds = replay_all(exp, replays, paths, here, data_dir, jobs, scratch)
     if labels:
         verification, seconds = merge_labels(previous, verification, here, head, seconds)
+    stale = {r["run"]: summary_difference(r["path"]) for r in rows}
+    verification.stale_summaries = {run: diff for run, diff in stale.items() if diff is not None}
     if write:
         _write(root / exp / VERIFIED, verification, here, head, seconds)
     return verification
@@ -792,6 +828,7 @@ def _write(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 1),
         "labels": v.labels(),
+        "stale_summaries": v.stale_summaries,
         "replays": [asdict(o) for o in v.outcomes],
     }
     atomic_write_text(path, json.dumps(record.json_safe(document), indent=2) + "\n")
