@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_DATA
 from helpers.optim import tiny_mlp
 from helpers.threads import single_thread
 from torch import nn
@@ -460,3 +461,38 @@ def test_sophia_clip_rows_come_from_a_run_built_as_run_py_builds_it(tmp_path):
     assert list(table["step"]) == [1, 2, 10, 11]
     assert table["clipped_share"].between(0, 1).all()
     assert "| digits | 0.001 | 0 | 11 |" in out.with_suffix(".md").read_text()
+
+
+def test_unigram_loss_by_hand():
+    """Training tokens 0, 0, 1 of a 3-token vocabulary, +1 each: p = (3, 2, 1) / 6; the
+    validation tokens 0 and 2 (-100 ignored) cost (ln 2 + ln 6) / 2 nats."""
+    from lehi.diagnostics.unigram import token_counts, unigram_loss
+
+    train = token_counts([torch.tensor([[0, 0], [1, -100]])], 3)
+    val = token_counts([torch.tensor([0]), torch.tensor([2, -100])], 3)
+    row = unigram_loss(train, val, alpha=1.0)
+    assert row["unigram_val_loss"] == pytest.approx((math.log(2) + math.log(6)) / 2, rel=1e-12)
+    assert (row["train_tokens"], row["val_tokens"], row["unseen_vocabulary"]) == (3, 2, 1)
+    assert row["uniform_val_loss"] == math.log(3)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        unigram_loss(train, val, alpha=0.0)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ptb").is_dir(), reason="shared PTB not available")
+def test_unigram_of_ptb_small_counts_its_whole_budget(tmp_path):
+    """ptb_small's budget is one epoch of 20 × 35 targets a step: 1,327 steps, 928,900 tokens;
+    the unigram model lies between the data's own validation entropy and ln V."""
+    from lehi.data import ptb
+    from lehi.diagnostics.unigram import main
+
+    out = tmp_path / "unigram.csv"
+    args = ["--out", str(out), "--experiments", "ptb_small", "--data-dir", str(SHARED_DATA)]
+    assert main(args) == 0
+    (row,) = pd.read_csv(out).to_dict("records")
+    assert (row["vocabulary"], row["train_tokens"]) == (10_000, 1_327 * 20 * 35)
+    _, ids = ptb.load_corpus(SHARED_DATA)
+    freq = torch.bincount(ids["valid"], minlength=10_000).double()
+    freq = freq[freq > 0] / freq.sum()
+    entropy = float(-(freq * freq.log()).sum())  # the best any unigram model can do
+    assert entropy < row["unigram_val_loss"] < math.log(10_000)
+    assert "| ptb_small | 10,000 | 928,900 |" in out.with_suffix(".md").read_text()
