@@ -35,7 +35,7 @@ def tuning_budget_figure(budget, workload: str) -> Figure:
     ax = fig.subplots()
     rows = budget[budget["workload"] == workload]
     for reading, g in rows.groupby("reading", sort=False):
-        style = "--" if reading == "lehi_update_clip" else "-"
+        style = "--" if optimizer_name(reading) != reading else "-"  # a reading of an optimizer
         c = color(optimizer_name(reading))
         ax.plot(g["k"], g["expected_best"], style, marker="o", ms=3, color=c,
                 label=f"{label(reading, optimizer_name(reading))} ({g['tuning_experiment'].iloc[0]})")  # fmt: skip
@@ -58,7 +58,7 @@ def profile_figure(times) -> Figure:
         for r in scores[scores["measure"] == measure].to_dict("records"):
             ratios = np.array(list(r["ratios"].values()), dtype=float)
             rho = [(ratios <= t).mean() for t in taus]
-            style = "--" if r["reading"] == "lehi_update_clip" else "-"
+            style = "--" if optimizer_name(r["reading"]) != r["reading"] else "-"
             ax.step(taus, rho, style, where="post", color=color(optimizer_name(r["reading"])),
                     label=f"{label(r['reading'], optimizer_name(r['reading']))}: {r['score']:.2f}")  # fmt: skip
         ax.set_xlabel("τ (ratio to the best reading on a workload)")

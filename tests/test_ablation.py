@@ -56,8 +56,9 @@ GRID: dict[tuple[str, str], dict[float, tuple]] = {
 SPIKES = {
     ("lehi_h_floor", 1e-1, 1): (20.0, 10.0),  # spiked and recovered
     ("lehi", 1e-1, 0): (30.0, 10.0),  # spiked, but the run diverged: not "recovered"
-    ("lehibrid", 1e-3, 0): (12.0, None),  # no factor in its config: the default 10 applies
+    ("lehibrid", 1e-3, 0): (12.0, None),  # no factor in its config: not judged (stats.unstable)
     ("lehibrid", 1e-2, 0): (20.0, 50.0),  # below its own factor
+    ("lehibrid", 1e-2, 1): (30.0, 20.0),  # above its own factor, and it recovered
 }
 INITIAL = 2.3
 
@@ -181,11 +182,11 @@ def test_recovered_spikes(table: pd.DataFrame) -> None:
         "adam": 0,
         "lehi": 0,  # its spike ended in divergence
         "lehi_h_floor": 1,
-        "lehibrid": 1,  # 12 > the default factor 10; 20 < its own factor 50
+        "lehibrid": 1,  # 1e-2: 30 > its factor 20 (12 with no factor recorded, 20 < 50: not)
         "lehi_update_clip": 0,
     }
     assert table.loc["lehi_h_floor", "spike_lrs"] == "0.1"
-    assert table.loc["lehibrid", "spike_lrs"] == "0.001"
+    assert table.loc["lehibrid", "spike_lrs"] == "0.01"
 
 
 def test_counts_of_runs(table: pd.DataFrame) -> None:
@@ -243,7 +244,10 @@ def test_figure(tree: Path, tmp_path: Path) -> None:
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert [line.get_ydata()[0] for line in dashed] == pytest.approx([0.40])
     hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() in ("white", "w")]
-    assert sorted(float(x) for line in hollow for x in line.get_xdata()) == [1e-3, 1e-1]
+    assert sorted(float(x) for line in hollow for x in line.get_xdata()) == [
+        1e-2,
+        1e-1,
+    ]  # LEHIBrid, lehi_h_floor
     crosses = {
         to_hex(line.get_color()): sorted(line.get_xdata())
         for line in strip.get_lines()

@@ -15,7 +15,8 @@ tables of :func:`lehi.results.collect` (definitions in :mod:`lehi.results`):
   The width spans the extreme LRs, so a gap inside the range is not subtracted; the LRs
   themselves are listed alongside.
 - **LRs with a recovered spike**: stable LRs where a counted seed's ``max_spike`` exceeded its
-  ``trainer.divergence_factor`` (:data:`DEFAULT_DIVERGENCE_FACTOR` when its config has none).
+  ``trainer.divergence_factor`` (:func:`lehi.results.stats.unstable`, the rule every table
+  and figure uses).
 
 Readings are sorted Adam first, then plain LEHI, then the others by best loss (none last).
 """
@@ -33,14 +34,13 @@ from lehi import roster
 from lehi.io import atomic_write_text
 from lehi.results.markdown import experiment_heading, fmt
 from lehi.results.markdown import table as markdown_table
-from lehi.results.stats import counts, select_experiment
+from lehi.results.stats import select_experiment, unstable
 from lehi.results.store import CELL_KEYS, EXP_KEYS
 from lehi.results.tables import Results
 
 __all__ = [
     "ABLATION_PREFIX",
     "COLUMNS",
-    "DEFAULT_DIVERGENCE_FACTOR",
     "WITHIN",
     "ablation_cells",
     "ablation_table",
@@ -52,8 +52,6 @@ __all__ = [
 
 ABLATION_PREFIX = "ablation_"
 WITHIN = 1.1
-#: trainer.divergence_factor's default (conf/trainer/default.yaml), for runs that lack it.
-DEFAULT_DIVERGENCE_FACTOR = 10.0
 _FIRST = (roster.REFERENCE, "lehi")  # the reference, then the literal method
 
 COLUMNS = (
@@ -91,20 +89,12 @@ def experiments(results: Results) -> list[dict[str, str]]:
     return [e for e in results.experiments() if is_ablation(e["experiment"])]
 
 
-def _spiked(runs: pd.DataFrame) -> np.ndarray:
-    """Counted runs whose training loss once exceeded their divergence factor × initial."""
-    factor = runs["divergence_factor"].to_numpy(float)
-    factor = np.where(np.isfinite(factor), factor, DEFAULT_DIVERGENCE_FACTOR)
-    with np.errstate(invalid="ignore"):
-        return counts(runs) & (runs["max_spike"].to_numpy(float) > factor)
-
-
 def ablation_cells(results: Results, exp: dict[str, str]) -> pd.DataFrame:
     """The cells of one ablation experiment (``results.cells`` rows) plus ``recovered_spike``:
     a counted seed of the cell spiked above its divergence factor and recovered."""
     cells = select_experiment(results.cells, exp)
     runs = select_experiment(results.runs, exp)
-    spiked = runs[_spiked(runs)]
+    spiked = runs[unstable(runs)]
     keys = set(zip(*(spiked[k] for k in CELL_KEYS), strict=True))
     flags = [tuple(r) in keys for r in cells[list(CELL_KEYS)].itertuples(index=False)]
     return cells.assign(recovered_spike=np.asarray(flags, dtype=bool))

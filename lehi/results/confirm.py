@@ -22,15 +22,18 @@ from typing import Any
 
 import yaml
 
+from lehi.results.ablation import ABLATION_PREFIX
 from lehi.results.tables import Results, collect
 
 __all__ = [
     "CONFIRM_READINGS",
     "CONFIRM_SEEDS",
     "confirm_name",
+    "confirmed_workload",
     "optimizer_name",
     "preset",
     "tuned_lrs",
+    "tuning_experiment",
 ]
 
 #: The readings confirmed (conf/reading/): the five optimizers and the ablation's stable one.
@@ -55,15 +58,33 @@ def optimizer_name(reading: str) -> str:
     return "lehi" if reading.startswith("lehi_") else reading
 
 
+CONFIRM_PREFIX = "confirm_"
+
+
 def confirm_name(experiment: str) -> str:
-    return f"confirm_{experiment}"
+    return f"{CONFIRM_PREFIX}{experiment}"
+
+
+def confirmed_workload(experiment: str) -> str | None:
+    """The workload a confirmation experiment confirms (``confirm_digits`` → ``digits``), or
+    None for any other experiment."""
+    experiment = str(experiment)
+    return (
+        experiment.removeprefix(CONFIRM_PREFIX) if experiment.startswith(CONFIRM_PREFIX) else None
+    )
+
+
+def tuning_experiment(workload: str, reading: str) -> str:
+    """The sweep that tunes ``reading`` on ``workload``: its ablation for :data:`ABLATION_ONLY`
+    readings, else the workload's own."""
+    return f"{ABLATION_PREFIX}{workload}" if reading in ABLATION_ONLY else workload
 
 
 def tuned_lrs(results: Results, experiment: str) -> dict[str, dict[str, Any]]:
     """Per reading: its tuned LR, the tuning experiment, seeds and runs it came from."""
     tuned: dict[str, dict[str, Any]] = {}
     for reading in CONFIRM_READINGS:
-        source = f"ablation_{experiment}" if reading in ABLATION_ONLY else experiment
+        source = tuning_experiment(experiment, reading)
         best = results.best
         row = best[(best["experiment"] == source) & (best["optimizer"] == reading)]
         if row.empty or not math.isfinite(float(row["lr"].iloc[0])):

@@ -19,9 +19,10 @@ from typing import Any
 
 from lehi import roster
 from lehi.io import atomic_write_text
-from lehi.results.ablation import ablation_table, is_ablation
+from lehi.results.ablation import ABLATION_PREFIX, ablation_table, is_ablation
+from lehi.results.confirm import confirmed_workload, optimizer_name
 from lehi.results.markdown import fmt, label_of, pm, table
-from lehi.results.stats import select_experiment
+from lehi.results.stats import TARGET_FACTOR, select_experiment
 from lehi.results.tables import Results
 
 __all__ = [
@@ -87,7 +88,7 @@ def _workload_rows(results: Results, exp: Mapping[str, str]) -> list[list[str]]:
 
 def _tuning(experiment: str) -> bool:
     """A tuning sweep (the ablation and the confirmations have blocks of their own)."""
-    return not is_ablation(experiment) and not experiment.startswith("confirm_")
+    return not is_ablation(experiment) and confirmed_workload(experiment) is None
 
 
 def _workloads(results: Results) -> list[str]:
@@ -145,15 +146,15 @@ def _scale_pairs(results: Results) -> list[tuple[dict[str, str], dict[str, str],
     pairs = []
     for name, full in by_name.items():
         small = by_name.get(name + SMALL_SUFFIX)
-        if small is not None and not name.startswith("confirm_"):
+        if small is not None and confirmed_workload(name) is None:
             pairs.append((small, full, is_ablation(name)))
-    return sorted(pairs, key=lambda p: (p[1]["experiment"].removeprefix("ablation_"), p[2]))
+    return sorted(pairs, key=lambda p: (p[1]["experiment"].removeprefix(ABLATION_PREFIX), p[2]))
 
 
 def _scales(results: Results) -> list[str]:
     rows, shown = [], set()
     for small, full, ablation in _scale_pairs(results):
-        workload = full["experiment"].removeprefix("ablation_")
+        workload = full["experiment"].removeprefix(ABLATION_PREFIX)
         at = {
             scale: {
                 r["optimizer"]: r for r in select_experiment(results.best, e).to_dict("records")
@@ -234,7 +235,8 @@ def _cost(results: Results) -> list[str]:
     ]
     return [
         "Cost, measured side by side (step_cost.json): each optimizer's step against Adam's, "
-        "and steps and time to the target loss (best Adam × 1.05) at the best learning rates:",
+        "and steps and time to the target loss (by default best Adam × "
+        f"{TARGET_FACTOR:g}) at the best learning rates:",
         "",
         *table(header, rows),
     ]
@@ -252,7 +254,7 @@ def _verdicts(results: Results) -> list[str]:
         rows.append(
             [
                 r["workload"],
-                roster.display_label(r["candidate"], r["candidate"].split("_")[0]),
+                roster.display_label(r["candidate"], optimizer_name(r["candidate"])),
                 roster.display_label(r["baseline"], r["baseline"]),
                 f"{fmt(r['mean_diff'], '+.2g')} [{ci}]",
                 fmt(r["p_improvement"], ".2f"),

@@ -34,7 +34,7 @@ def _intro(results: Results) -> list[str]:
     return [
         "# Results summary",
         "",
-        f"{len(results.runs)} finished run(s) under `{results.root}`. Final validation loss = "
+        f"{len(results.runs)} finished run(s) under `{Path(results.root).name}/`. Final validation loss = "
         "mean over a run's last 3 evaluations; mean ± sample std over seeds at each "
         "optimizer's best learning rate (lowest mean among LRs where no seed diverged); last "
         "eval = the validation loss of its last evaluation. Metric = last evaluation. Steps to "

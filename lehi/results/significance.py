@@ -36,6 +36,12 @@ SIGNIFICANCE_COLUMNS = (
 )
 
 
+def pooled_std(a: np.ndarray, b: np.ndarray) -> float:
+    """The pooled sample standard deviation of two samples of ≥ 2 values each (ddof 1 each)."""
+    dof = len(a) + len(b) - 2
+    return math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / dof)
+
+
 def compare(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     """Welch t, Mann-Whitney U (two-sided) and effect sizes of samples ``x`` vs ``y``.
 
@@ -51,7 +57,7 @@ def compare(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     if len(a) < 2 or len(b) < 2:
         return out
     dof = len(a) + len(b) - 2
-    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / dof)
+    pooled = pooled_std(a, b)
     if pooled > 0:
         out["cohen_d"] = out["mean_diff"] / pooled
         out["hedges_g"] = out["cohen_d"] * (1 - 3 / (4 * dof - 1))

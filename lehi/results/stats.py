@@ -211,9 +211,16 @@ def steps_to_target(metrics: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFram
 
     Columns: run, steps_to_target. Runs that never reach the target are absent.
     """
-    val = metrics[metrics["split"] == "val"].merge(
-        targets[[*EXP_KEYS, "target"]], on=list(EXP_KEYS)
-    )
+    return first_reached(metrics.merge(targets[[*EXP_KEYS, "target"]], on=list(EXP_KEYS)))
+
+
+def first_reached(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per run of ``metrics`` (rows with a ``target`` column): the step of its first full
+    validation row whose loss is ≤ the target; subset evaluations do not count.
+
+    Columns: run, steps_to_target. Runs that never reach the target are absent.
+    """
+    val = metrics[metrics["split"] == "val"]
     hit = val[val["loss"] <= val["target"]].sort_values(["run", "step"], kind="stable")
     first = hit.groupby("run", sort=False).head(1)
     return first[["run", "step"]].rename(columns={"step": "steps_to_target"}).reset_index(drop=True)

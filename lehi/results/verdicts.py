@@ -45,7 +45,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from lehi.results.confirm import CONFIRM_READINGS, confirm_name
+from lehi import roster
+from lehi.results.confirm import (
+    CONFIRM_READINGS,
+    confirm_name,
+    confirmed_workload,
+    optimizer_name,
+    tuning_experiment,
+)
+from lehi.results.significance import pooled_std
+from lehi.results.stats import TARGET_FACTOR, first_reached
 from lehi.results.tables import Results
 
 __all__ = [
@@ -60,10 +69,10 @@ __all__ = [
 
 ALPHA = 0.05
 POWER = 0.8
-TARGET_FACTOR = 1.05
 R_MAX = 4.0
-CANDIDATES = ("lehi", "lehibrid", "lehi_update_clip")
-BASELINES = ("adam", "adamw", "sophia")
+#: The confirmed readings in the roster's roles (a LEHI reading is a candidate as LEHI is).
+CANDIDATES = tuple(r for r in CONFIRM_READINGS if roster.role(optimizer_name(r)) == "candidate")
+BASELINES = tuple(r for r in CONFIRM_READINGS if roster.role(optimizer_name(r)) == "baseline")
 BOOTSTRAP_SEED = 0
 
 
@@ -87,8 +96,7 @@ def detectable_difference(a: np.ndarray, b: np.ndarray) -> float:
 
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    dof = len(a) + len(b) - 2
-    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / dof)
+    pooled = pooled_std(a, b)
     effect = TTestIndPower().solve_power(
         nobs1=len(a), ratio=len(b) / len(a), alpha=ALPHA, power=POWER, alternative="two-sided"
     )
@@ -150,7 +158,7 @@ def _losses(runs: pd.DataFrame, experiment: str, label: str) -> np.ndarray:
 def workloads(results: Results) -> list[str]:
     """Workloads with confirmation runs, in name order."""
     names = sorted(set(results.runs["experiment"])) if not results.runs.empty else []
-    return [n.removeprefix("confirm_") for n in names if n.startswith("confirm_")]
+    return [w for w in map(confirmed_workload, names) if w is not None]
 
 
 def verdict_table(results: Results) -> pd.DataFrame:
@@ -214,7 +222,7 @@ def tuning_budget(results: Results, draws: int = 2000) -> pd.DataFrame:
     for workload in workloads(results):
         for reading in CONFIRM_READINGS:
             rng = np.random.default_rng([BOOTSTRAP_SEED, *f"{workload}/{reading}".encode()])
-            source = f"ablation_{workload}" if reading == "lehi_update_clip" else workload
+            source = tuning_experiment(workload, reading)
             trials = _trial_losses(results.runs, source, reading)
             if trials.empty:
                 continue
@@ -259,20 +267,21 @@ def time_to_target(results: Results) -> pd.DataFrame:
     rows = []
     for workload in workloads(results):
         exp = confirm_name(workload)
-        adam = _losses(runs, exp, "adam")
+        adam = _losses(runs, exp, roster.REFERENCE)
         if not len(adam) or not np.isfinite(np.median(adam)):
             continue
         target = TARGET_FACTOR * float(np.median(adam))
         cost = _step_seconds(results, workload)
-        val = metrics[(metrics["experiment"] == exp) & (metrics["split"] == "val")]
+        reached = first_reached(metrics[metrics["experiment"] == exp].assign(target=target))
+        at = dict(zip(reached["run"], reached["steps_to_target"], strict=True))
         for reading in CONFIRM_READINGS:
             mine = runs[(runs["experiment"] == exp) & (runs["optimizer"] == reading)]
             if mine.empty:
                 continue
-            steps = []
-            for run, diverged in zip(mine["run"], mine["diverged"], strict=True):
-                hit = val[(val["run"] == run) & (val["loss"] <= target)]
-                steps.append(math.inf if diverged or hit.empty else float(hit["step"].min()))
+            steps = [
+                math.inf if diverged else float(at.get(run, math.inf))
+                for run, diverged in zip(mine["run"], mine["diverged"], strict=True)
+            ]
             median_steps = float(np.median(steps))
             name = str(mine["optimizer_name"].iloc[0])
             seconds = median_steps * cost.get(name, math.nan)
