@@ -66,13 +66,14 @@ def mirror(data_dir: Path, target: Path) -> Path:
 
 
 def evaluation_time(metrics: Path) -> float:
-    """Seconds spent in evaluations, from the wall_time column of metrics.csv."""
+    """Seconds spent in evaluations (full and subset), from the wall_time column of
+    metrics.csv."""
     with open(metrics, newline="") as f:
         rows = list(csv.DictReader(f))
     total, previous = 0.0, 0.0
     for row in rows:
         wall = float(row["wall_time"])
-        if row["split"] == "val":
+        if row["split"] in ("val", "val_subset"):
             total += wall - previous
         previous = wall
     return total

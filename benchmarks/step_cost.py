@@ -39,7 +39,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lehi import roster
-from lehi.record import git
+from lehi.record import dirty_files, git
 from lehi.results import stepcost
 from lehi.runner import build, plan
 
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         optimizers = measure(contenders, args.repeats, args.steps, args.warmup)
         device = contenders[0].trainer.device
+    dirty = dirty_files()
     data = {
         "format": stepcost.FORMAT,
         "experiment": args.experiment,
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": None if dirty is None else bool(dirty),  # None: git cannot tell
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps_per_repeat": args.steps,
         "warmup_steps": args.warmup,

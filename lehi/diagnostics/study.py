@@ -38,7 +38,7 @@ atomically) into --out:
   layer | "all", metric) with the value;
 - trajectories.csv: training loss on the diagnostic batch and validation loss/metric per
   trajectory and checkpoint, and, for a diverged trajectory, a row with the step and reason
-  (checkpoints from that step on are dropped, except after ``no_progress``);
+  (checkpoints from that step on are dropped);
 - diagnostics.md: the Markdown tables (lehi.diagnostics.report);
 - meta.json: the settings (each model's trainer and optimizer configs), sizes and timings.
 

@@ -264,9 +264,9 @@ def train(
     ctx.timer.seconds["training"] = ctx.timer.seconds.get("training", 0.0) + summary["train_time"]
     steps = sorted(hook.trajectory)
     at = summary["diverged_at_step"]
-    # Blown up (not merely ending above its start, "no_progress"): the checkpoints from the
-    # step the trainer stopped at on are not measurements of a trained model.
-    if summary["status"] == "diverged" and summary["divergence"] != "no_progress":
+    # Blown up: the checkpoints from the step the trainer stopped at on are not measurements
+    # of a trained model.
+    if summary["status"] == "diverged":
         steps = [s for s in steps if s < at]
     rows = [r for s in steps for r in hook.rows[s]]
     trajectory = [hook.trajectory[s] for s in steps]

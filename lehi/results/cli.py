@@ -73,8 +73,9 @@ def _summary(argv: Sequence[str]) -> int:
 def _check(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lehi.results check",
-        description="List runs from dirty trees, from code that differs from HEAD, or that "
-        "completed above their initial validation loss; exit 1 when any is listed.",
+        description="List the runs that are not current at HEAD: from dirty trees or unknown "
+        "commits, or with changed training code and no passing verification (or a stale "
+        "summary); exit 1 when any is listed.",
     )
     parser.add_argument("--root", default="results", help="results tree (default: results)")
     args = parser.parse_args(argv)

@@ -34,7 +34,6 @@ from lehi.io import atomic_write_text
 
 FILE_NAME = "step_cost.json"
 FORMAT = "lehi.step_cost/1"
-SOURCE = "steps × per-step cost measured side by side (step_cost.json)"
 METHOD = (
     "all optimizers of the experiment in one process, interleaved round-robin "
     "(start rotating each repeat); median over repeats"
