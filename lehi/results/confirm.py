@@ -42,6 +42,9 @@ CONFIRM_READINGS = ("adam", "adamw", "lehi", "lehibrid", "sophia", "lehi_update_
 CONFIRM_SEEDS = 8
 #: Readings tuned on the workload's ablation sweep instead of its main sweep.
 ABLATION_ONLY = ("lehi_update_clip",)
+#: The tuning rule in words (stats.best_lrs is the rule itself). ``tune`` writes it into the
+#: preset as ``experiment.tuned_from.rule``, which is part of a confirmation run's identity:
+#: rewording it and tuning again gives every later confirmation run a new identity.
 RULE = (
     "lowest mean final val loss (mean of the last 3 evaluations) over the tuning seeds, "
     "among the LRs where no tuning seed diverged"
