@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lehi.io import atomic_write_text
+from lehi.results.markdown import table as markdown_table
 
 __all__ = [
     "ESTIMATE_LABELS",
@@ -103,12 +104,6 @@ def _ordered(estimates: list[str]) -> list[str]:
     return sorted(estimates, key=lambda e: (rank.get(e, len(rank)), e))
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
-
-
 def render_markdown(frame: pd.DataFrame, trajectories: pd.DataFrame, meta: dict) -> str:
     """The study's tables as one Markdown document."""
     draws = meta.get("draws")
@@ -160,7 +155,7 @@ def render_markdown(frame: pd.DataFrame, trajectories: pd.DataFrame, meta: dict)
                 [estimate_label(est, draws)]
                 + [_fmt(float(value.get((est, r, m), math.nan)), m) for r, m in columns]
             )
-        lines += _table(header, body) + [""]
+        lines += markdown_table(header, body) + [""]
 
         gn = sub[sub["reference"] == "gauss_newton"]
         pivot = gn.pivot_table(
@@ -178,7 +173,7 @@ def render_markdown(frame: pd.DataFrame, trajectories: pd.DataFrame, meta: dict)
                     for c in checkpoints
                 ]
             body.append(row)
-        lines += _table(header, body) + [""]
+        lines += markdown_table(header, body) + [""]
 
         traj = trajectories[trajectories["model"] == model]
         if len(traj):
@@ -201,7 +196,7 @@ def render_markdown(frame: pd.DataFrame, trajectories: pd.DataFrame, meta: dict)
                 ]
                 for r in traj.itertuples()
             ]
-            lines += _table(header, body) + [""]
+            lines += markdown_table(header, body) + [""]
     return "\n".join(lines)
 
 

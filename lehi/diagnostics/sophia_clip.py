@@ -28,6 +28,7 @@ import torch
 from lehi.config import compose
 from lehi.diagnostics.report import write_table
 from lehi.optim import SophiaG
+from lehi.results.markdown import table as markdown_table
 from lehi.runner import build, plan
 
 __all__ = ["COLUMNS", "clipped_share", "main", "measure", "render_markdown"]
@@ -107,15 +108,20 @@ def render_markdown(table: pd.DataFrame) -> str:
         "`python -m lehi.diagnostics.sophia_clip`: share of the moving coordinates (m ≠ 0) whose "
         "step at that step was lr·sign(m) (|m| ≥ ρ·N·h), in a run built as run.py builds it.",
         "",
-        "| experiment | lr | seed | step | coordinates moving | clipped |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in table.to_dict("records"):
-        lines.append(
-            f"| {r['experiment']} | {r['lr']:g} | {r['seed']} | {r['step']} | "
-            f"{r['coordinates_moving']:,} | {r['clipped_share']:.1%} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["experiment", "lr", "seed", "step", "coordinates moving", "clipped"]
+    rows = [
+        [
+            r["experiment"],
+            f"{r['lr']:g}",
+            str(r["seed"]),
+            str(r["step"]),
+            f"{r['coordinates_moving']:,}",
+            f"{r['clipped_share']:.1%}",
+        ]
+        for r in table.to_dict("records")
+    ]
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

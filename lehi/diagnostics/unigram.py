@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lehi.config import compose
 from lehi.diagnostics.report import write_table
+from lehi.results.markdown import table as markdown_table
 from lehi.runner import build, plan
 
 __all__ = ["COLUMNS", "main", "measure", "render_markdown", "token_counts", "unigram_loss"]
@@ -111,18 +112,33 @@ def render_markdown(table: pd.DataFrame) -> str:
         "run's budget (+ alpha per vocabulary entry) scored on the whole validation split as "
         "the trainer's evaluation scores a model (mean cross-entropy, nats).",
         "",
-        "| experiment | vocabulary | training tokens | never seen | validation tokens | alpha "
-        "| unigram loss | perplexity | uniform ln V |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in table.to_dict("records"):
-        lines.append(
-            f"| {r['experiment']} | {r['vocabulary']:,} | {r['train_tokens']:,} | "
-            f"{r['unseen_vocabulary']:,} | {r['val_tokens']:,} | {r['alpha']:g} | "
-            f"{r['unigram_val_loss']:.3f} | {r['unigram_perplexity']:,.0f} | "
-            f"{r['uniform_val_loss']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = [
+        "experiment",
+        "vocabulary",
+        "training tokens",
+        "never seen",
+        "validation tokens",
+        "alpha",
+        "unigram loss",
+        "perplexity",
+        "uniform ln V",
+    ]
+    rows = [
+        [
+            r["experiment"],
+            f"{r['vocabulary']:,}",
+            f"{r['train_tokens']:,}",
+            f"{r['unseen_vocabulary']:,}",
+            f"{r['val_tokens']:,}",
+            f"{r['alpha']:g}",
+            f"{r['unigram_val_loss']:.3f}",
+            f"{r['unigram_perplexity']:,.0f}",
+            f"{r['uniform_val_loss']:.3f}",
+        ]
+        for r in table.to_dict("records")
+    ]
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
