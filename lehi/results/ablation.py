@@ -35,7 +35,7 @@ from lehi.io import atomic_write_text
 from lehi.results.markdown import experiment_heading, fmt
 from lehi.results.markdown import table as markdown_table
 from lehi.results.stats import select_experiment, unstable
-from lehi.results.store import CELL_KEYS, EXP_KEYS
+from lehi.results.store import CELL_KEYS, EXP_KEYS, TRAINED_FRACTION
 from lehi.results.tables import Results
 
 __all__ = [
@@ -205,7 +205,9 @@ def render_markdown(table: pd.DataFrame) -> str:
         "val loss = mean over seeds of the mean of the last 3 evaluations, at the LR where it "
         "is lowest among the LRs where no seed diverged. LRs without divergence = LRs where "
         "no seed diverged (and one counted). LRs where every seed trained = every seed ended "
-        "at least 10 % below its initial val loss (lehi.results.store.TRAINED_FRACTION). LR range within 10 % of Adam = log10(max/min) "
+        f"at least {(1 - TRAINED_FRACTION) * 100:.0f} % below its initial val loss "
+        f"(lehi.results.store.TRAINED_FRACTION). LR range within {(WITHIN - 1) * 100:.0f} % of Adam = "
+        "log10(max/min) "
         f"over those LRs whose mean final val loss is ≤ {WITHIN:g} × Adam's best. Recovered "
         "spike = a counted seed's training loss once exceeded its divergence factor × its "
         "initial loss.",

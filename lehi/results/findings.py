@@ -23,6 +23,7 @@ from lehi.results.ablation import ABLATION_PREFIX, ablation_table, is_ablation
 from lehi.results.confirm import confirmed_workload, optimizer_name
 from lehi.results.markdown import fmt, label_of, pm, table
 from lehi.results.stats import TARGET_FACTOR, select_experiment
+from lehi.results.store import TRAINED_FRACTION
 from lehi.results.tables import Results
 
 __all__ = [
@@ -128,7 +129,8 @@ def _ablation(results: Results) -> list[str]:
     rows = [[label, *(by_exp.get(e, "—") for e in experiments)] for label, by_exp in cells.items()]
     return [
         "The ablation: per reading, learning rates at which no seed diverged / at which every "
-        "seed also trained (ended ≥ 10 % below its initial val loss) / in the grid, and the "
+        f"seed also trained (ended ≥ {(1 - TRAINED_FRACTION) * 100:.0f} % below its initial val loss) / in "
+        "the grid, and the "
         "best final validation loss (mean over seeds) at the best LR without divergence:",
         "",
         *table(["reading", *experiments], rows),
