@@ -7,6 +7,7 @@ not run), each optimizer's EMA state on its own trajectory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "load",
     "render_markdown",
     "select_lines",
+    "table_parser",
     "write_report",
     "write_table",
 ]
@@ -207,6 +209,16 @@ def write_report(folder: str | Path) -> Path:
     path = folder / "diagnostics.md"
     atomic_write_text(path, render_markdown(frame, trajectories, meta))
     return path
+
+
+def table_parser(doc: str, experiments_help: str) -> argparse.ArgumentParser:
+    """The command line every per-preset diagnostic table shares: ``--out`` (the CSV; the
+    Markdown goes next to it), ``--experiments`` and ``--data-dir``; the caller adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", required=True, help="CSV path (the .md goes next to it)")
+    parser.add_argument("--experiments", nargs="+", required=True, help=experiments_help)
+    parser.add_argument("--data-dir", default=None, help="paths.data_dir (default: the config's)")
+    return parser
 
 
 def write_table(out: str | Path, table: pd.DataFrame, markdown: str) -> Path:

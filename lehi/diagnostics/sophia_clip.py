@@ -16,7 +16,6 @@ of step t is the share of coordinates with m ≠ 0 (a coordinate with m = 0 does
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 
 from lehi.config import compose
-from lehi.diagnostics.report import write_table
+from lehi.diagnostics.report import table_parser, write_table
 from lehi.optim import SophiaG
 from lehi.results.markdown import table as markdown_table
 from lehi.runner import build, plan
@@ -126,13 +125,10 @@ def render_markdown(table: pd.DataFrame) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="CSV path (the .md goes next to it)")
-    parser.add_argument("--experiments", nargs="+", required=True, help="presets, e.g. ptb_small")
+    parser = table_parser(__doc__, "presets, e.g. ptb_small")
     parser.add_argument("--lrs", type=float, nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--data-dir", default=None, help="paths.data_dir (default: the config's)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")

@@ -16,7 +16,6 @@ The uniform model's ln V is given beside it. Writes the CSV and a Markdown table
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lehi.config import compose
-from lehi.diagnostics.report import write_table
+from lehi.diagnostics.report import table_parser, write_table
 from lehi.results.markdown import table as markdown_table
 from lehi.runner import build, plan
 
@@ -143,13 +142,10 @@ def render_markdown(table: pd.DataFrame) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="CSV path (the .md goes next to it)")
-    parser.add_argument("--experiments", nargs="+", required=True, help="e.g. ptb_small")
+    parser = table_parser(__doc__, "language-model presets, e.g. ptb_small")
     parser.add_argument(
         "--alphas", type=float, nargs="+", default=[1.0], help="added counts (default 1)"
     )
-    parser.add_argument("--data-dir", default=None, help="paths.data_dir (default: the config's)")
     args = parser.parse_args(argv)
     if min(args.alphas) <= 0:
         parser.error("--alphas must be > 0")
