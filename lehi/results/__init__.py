@@ -16,8 +16,9 @@ Definitions used by every table and figure:
   (baseline or candidate), colour and order come from the roster entry of its
   ``optimizer.name`` (:mod:`lehi.roster`).
 - **Final validation loss** of a run: ``summary.last3.val_loss_mean``, the mean validation loss
-  over its last 3 evaluations (docs/experiments.md, "Sweeps"); **last eval**: the validation
-  loss of its last evaluation. **Final metric**: the metric of its last evaluation.
+  over its last 3 evaluations (docs/experiments.md, "Definitions every table and figure
+  uses"); **last eval**: the validation loss of its last evaluation. **Final metric**: the
+  metric of its last evaluation.
 - **Diverged run**: status ``"diverged"`` (the trainer's early stop: non-finite loss, or
   training loss held above ``divergence_factor`` × its initial loss; older summaries also
   recorded ``no_progress`` this way), or a ``"completed"`` run whose final validation loss is
