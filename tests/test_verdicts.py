@@ -337,6 +337,36 @@ def test_verdict_table_counts_diverged_runs_and_holm_corrects_over_the_table(tmp
     ]
 
 
+def test_an_ablations_nominee_is_judged_against_the_workloads_confirmed_baselines(tmp_path):
+    """confirm_ablation_toy's runs join confirm_toy's: one workload, one more candidate, and
+    the Holm correction runs over its rows too."""
+    from helpers.results import write_run
+
+    from lehi.results import collect
+
+    root = tmp_path / "results"
+    adam, lehi, eps = [0.30, 0.31, 0.32, 0.33], [0.35, 0.36, 0.37, 0.38], [0.2, 0.21, 0.22, 0.23]
+    for seed, (a, b) in enumerate(zip(adam, lehi, strict=True), start=2):
+        write_run(root, "adam", 1e-2, seed, a, experiment="confirm_toy")
+        write_run(root, "lehi", 1e-3, seed, b, experiment="confirm_toy")
+    for seed, base in enumerate(eps, start=2):
+        write_run(root, "lehi_eps_inside", 3e-3, seed, base, experiment="confirm_ablation_toy")
+
+    results = collect(root)
+    assert V.workloads(results) == ["toy"]
+    table = V.verdict_table(results)
+    assert list(zip(table["workload"], table["candidate"], table["baseline"], strict=True)) == [
+        ("toy", "lehi", "adam"),
+        ("toy", "lehi_eps_inside", "adam"),
+    ]
+    row = table.iloc[1]
+    assert row["n"] == row["n_baseline"] == 4
+    assert row["mean_diff"] == pytest.approx(np.mean(eps) - np.mean(adam))
+    assert row["p_improvement"] == 1.0
+    mwu = [stats.mannwhitneyu(adam, x).pvalue for x in (lehi, eps)]
+    np.testing.assert_allclose(table["mwu_p_holm"], _holm(mwu), rtol=1e-9)
+
+
 def test_holm_of_integer_p_values_is_a_float_array():
     # p = 1 and p = 0 written as ints: Holm leaves them (0 × 3 = 0, 1 capped at 1), as floats
     with warnings.catch_warnings():
@@ -443,6 +473,9 @@ def test_time_to_target_from_hand_made_confirmation_runs(tmp_path):
                 _edit_summary(run, optimizer_name="lehi")
     # completed, but its last evaluation (1.05) is above its start (0.9): diverged
     _initial(write_run(root, "lehi", 1e-2, 2, 1.1, experiment=exp), 0.9)
+    # the ablation's nominee is judged on this workload but not profiled (no other workload
+    # confirms it, so it would count as failing there)
+    write_run(root, "lehi_eps_inside", 1e-2, 0, 1.0, experiment="confirm_ablation_toy")
     # a workload (sorted first) whose Adam median diverged has no target: no rows
     write_run(root, "adam", 1e-2, 0, 0.5, experiment="confirm_a_bad")
     for seed in (1, 2):

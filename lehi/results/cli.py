@@ -147,9 +147,12 @@ def _tune(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lehi.results tune",
         description="Write experiments/confirm_<EXP>.yaml: each reading at the LR its tuning "
-        "sweep chose, on fresh seeds (lehi.results.confirm).",
+        "sweep chose, on fresh seeds; for an ablation, its nominated reading on the workload's "
+        "confirmation seeds (lehi.results.confirm).",
     )
-    parser.add_argument("experiments", nargs="+", help="workloads to tune, e.g. digits")
+    parser.add_argument(
+        "experiments", nargs="+", help="workloads or ablations to tune, e.g. digits ablation_digits"
+    )
     parser.add_argument("--root", default="results", help="results tree (default: results)")
     args = parser.parse_args(argv)
     for experiment in args.experiments:

@@ -5,8 +5,9 @@ Tuning and measuring are separate here. A workload's tuning sweep (``<exp>``, se
 0–2) chose each reading's LR; its confirmation runs (``confirm_<exp>``, lehi.results.confirm)
 repeat that LR on fresh seeds, and only they are judged:
 
-- **Verdict table**: per workload, each candidate (LEHI, LEHIBrid, ``lehi_update_clip``)
-  against each baseline (Adam, AdamW, Sophia) on the final validation loss (mean of the last
+- **Verdict table**: per workload, each candidate (LEHI, LEHIBrid, ``lehi_update_clip``, and
+  the reading its ablation nominated, ``confirm_ablation_<exp>``) against each baseline (Adam,
+  AdamW, Sophia) on the final validation loss (mean of the last
   3 evaluations): the mean difference (candidate − baseline) with a 95 % bootstrap CI
   (``scipy.stats.bootstrap``, BCa, 9,999 resamples, fixed seed); the probability of
   improvement P(candidate < baseline) = U / (n·m) (``scipy.stats.mannwhitneyu``); Welch and
@@ -29,7 +30,9 @@ repeat that LR on fresh seeds, and only they are judged:
 - **Performance profiles** (AlgoPerf): per workload the time to target of each reading's
   confirmation runs (median over seeds; a run that never reaches it counts as infinite) =
   steps to target × its optimizer's per-step cost measured side by side (step_cost.json);
-  target = :data:`TARGET_FACTOR` × the confirmed Adam median final loss. The profile of a
+  target = :data:`TARGET_FACTOR` × the confirmed Adam median final loss. Only the readings
+  every workload confirms (:data:`~lehi.results.confirm.CONFIRM_READINGS`) are profiled: a
+  reading confirmed on one workload would count as failing on the others. The profile of a
   reading is the fraction of workloads where its time is within τ × the best reading's; the
   score is the area under it over τ ∈ [1, :data:`R_MAX`] divided by R_MAX − 1 (1 = best
   everywhere). A steps-only profile is drawn beside it.
@@ -48,7 +51,7 @@ from scipy import stats as scipy_stats
 from lehi import roster
 from lehi.results.confirm import (
     CONFIRM_READINGS,
-    confirm_name,
+    confirmation_experiments,
     confirmed_workload,
     optimizer_name,
     tuning_experiment,
@@ -70,8 +73,8 @@ __all__ = [
 ALPHA = 0.05
 POWER = 0.8
 R_MAX = 4.0
-#: The confirmed readings in the roster's roles (a LEHI reading is a candidate as LEHI is).
-CANDIDATES = tuple(r for r in CONFIRM_READINGS if roster.role(optimizer_name(r)) == "candidate")
+#: The confirmed baselines in the roster's roles; every other confirmed reading is a
+#: candidate (a LEHI reading is one as LEHI is).
 BASELINES = tuple(r for r in CONFIRM_READINGS if roster.role(optimizer_name(r)) == "baseline")
 BOOTSTRAP_SEED = 0
 
@@ -148,30 +151,42 @@ def compare(candidate: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _losses(runs: pd.DataFrame, experiment: str, label: str) -> np.ndarray:
-    rows = runs[(runs["experiment"] == experiment) & (runs["optimizer"] == label)]
-    rows = rows[rows["status"] != "failed"]
+def confirmed_runs(runs: pd.DataFrame, workload: str) -> pd.DataFrame:
+    """The runs of ``workload``'s confirmation experiments (its own and its ablation's)."""
+    return runs[runs["experiment"].isin(confirmation_experiments(workload))]
+
+
+def _losses(runs: pd.DataFrame, workload: str, label: str) -> np.ndarray:
+    rows = confirmed_runs(runs, workload)
+    rows = rows[(rows["optimizer"] == label) & (rows["status"] != "failed")]
     loss = rows["val_loss"].to_numpy(float)
     return np.where(rows["diverged"].to_numpy(bool) | ~np.isfinite(loss), np.inf, loss)
 
 
 def workloads(results: Results) -> list[str]:
     """Workloads with confirmation runs, in name order."""
-    names = sorted(set(results.runs["experiment"])) if not results.runs.empty else []
-    return [w for w in map(confirmed_workload, names) if w is not None]
+    names = set(results.runs["experiment"]) if not results.runs.empty else set()
+    return sorted({w for w in map(confirmed_workload, names) if w is not None})
+
+
+def workload_readings(runs: pd.DataFrame, workload: str) -> list[str]:
+    """The readings confirmed on ``workload``: :data:`CONFIRM_READINGS`, then any reading its
+    ablation's confirmation nominated (``confirm_ablation_<workload>``)."""
+    present = set(confirmed_runs(runs, workload)["optimizer"])
+    return [*CONFIRM_READINGS, *sorted(present - set(CONFIRM_READINGS))]
 
 
 def verdict_table(results: Results) -> pd.DataFrame:
     """One row per (workload, candidate, baseline) on the confirmation seeds."""
     rows = []
     for workload in workloads(results):
-        exp = confirm_name(workload)
-        for cand in CANDIDATES:
-            c = _losses(results.runs, exp, cand)
+        readings = workload_readings(results.runs, workload)
+        for cand in (r for r in readings if r not in BASELINES):
+            c = _losses(results.runs, workload, cand)
             if not len(c):
                 continue
             for base in BASELINES:
-                b = _losses(results.runs, exp, base)
+                b = _losses(results.runs, workload, base)
                 if len(b):
                     rows.append(
                         {"workload": workload, "candidate": cand, "baseline": base, **compare(c, b)}
@@ -220,7 +235,7 @@ def tuning_budget(results: Results, draws: int = 2000) -> pd.DataFrame:
     """
     rows = []
     for workload in workloads(results):
-        for reading in CONFIRM_READINGS:
+        for reading in workload_readings(results.runs, workload):
             rng = np.random.default_rng([BOOTSTRAP_SEED, *f"{workload}/{reading}".encode()])
             source = tuning_experiment(workload, reading)
             trials = _trial_losses(results.runs, source, reading)
@@ -266,16 +281,18 @@ def time_to_target(results: Results) -> pd.DataFrame:
     runs, metrics = results.runs, results.metrics
     rows = []
     for workload in workloads(results):
-        exp = confirm_name(workload)
-        adam = _losses(runs, exp, roster.REFERENCE)
+        adam = _losses(runs, workload, roster.REFERENCE)
         if not len(adam) or not np.isfinite(np.median(adam)):
             continue
         target = TARGET_FACTOR * float(np.median(adam))
         cost = _step_seconds(results, workload)
-        reached = first_reached(metrics[metrics["experiment"] == exp].assign(target=target))
+        confirmed = confirmed_runs(runs, workload)
+        reached = first_reached(
+            metrics[metrics["run"].isin(confirmed["run"])].assign(target=target)
+        )
         at = dict(zip(reached["run"], reached["steps_to_target"], strict=True))
         for reading in CONFIRM_READINGS:
-            mine = runs[(runs["experiment"] == exp) & (runs["optimizer"] == reading)]
+            mine = confirmed[confirmed["optimizer"] == reading]
             if mine.empty:
                 continue
             steps = [
