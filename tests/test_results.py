@@ -525,3 +525,32 @@ def test_headings_state_the_budget_in_epochs_or_steps():
         "ptb_small — scale: small (CPU variant) · dataset: ptb · 664 steps (0.5 epoch) · "
         "metric: perplexity"
     )
+
+
+def test_a_spike_that_left_the_run_untrained_is_a_blow_up_not_a_recovery(tree: Path) -> None:
+    """Each run spiked to 50 × its initial training loss (factor 10): one ended 20 % below its
+    initial validation loss (recovered: counted, unstable), one a hair below it (at chance:
+    blown up); an untrained run that never spiked stays counted, and an unknown initial loss
+    decides nothing."""
+
+    def run(seed: int, base: float, initial: float | None, spike: float) -> None:
+        path = write_run(tree, "lehi", 7e-3, seed, base)  # an LR the tree has no runs at
+        data = json.loads((path / "summary.json").read_text())
+        data["max_spike"] = spike
+        if initial is not None:
+            data["initial"] = {"val_loss": initial}
+        (path / "summary.json").write_text(json.dumps(data))
+        cfg = path / "config.yaml"
+        cfg.write_text(cfg.read_text() + "trainer:\n  divergence_factor: 10.0\n")
+
+    final = 0.4 + OFFSETS[-1]  # write_run's last validation loss for base 0.4
+    run(0, 0.4, final / 0.8, 50.0)  # recovered and trained
+    run(1, 0.4, final + 1e-3, 50.0)  # blown up, left at its start
+    run(2, 0.4, final + 1e-3, 5.0)  # never spiked, never trained
+    run(3, 0.4, None, 50.0)  # no initial loss recorded
+    runs = R.collect(tree).runs.set_index("seed")
+    runs = runs[(runs["optimizer"] == "lehi") & (runs["lr"] == 7e-3)].sort_index()
+    assert runs["divergence"].fillna("").tolist() == ["", "blown_up", "", ""]
+    assert runs["diverged"].tolist() == [False, True, False, False]
+    assert runs["trained"].tolist() == [True, False, False, False]
+    assert runs["counted"].tolist() == [True, False, True, True]

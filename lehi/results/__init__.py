@@ -23,7 +23,9 @@ Definitions used by every table and figure:
   training loss held above ``divergence_factor`` × its initial loss; older summaries also
   recorded ``no_progress`` this way), or a ``"completed"`` run whose final validation loss is
   not finite or whose last validation loss is above its initial one (``no_progress``; for
-  summaries without ``initial.val_loss``, metrics.csv's step-0 validation row). **Trained
+  summaries without ``initial.val_loss``, metrics.csv's step-0 validation row), or whose
+  training loss once rose above ``divergence_factor`` × its initial loss and that never
+  trained after (``blown_up``: not trained, below). **Trained
   run**: not diverged and its last validation loss ≤ ``store.TRAINED_FRACTION`` (0.9) × its
   initial one. **Failed runs** (status ``"failed"``: crashes, not the optimizer's doing)
   are left out of every statistic and only counted (``n_failed``).

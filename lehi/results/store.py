@@ -234,30 +234,29 @@ def classify(runs: pd.DataFrame) -> pd.DataFrame:
 
     Diverged: the trainer stopped it early (status ``diverged``: non-finite, or held above the
     divergence factor); or it ran to its budget and its final validation loss is not finite
-    (``non_finite``) or its last evaluation is above its initial one (``no_progress``; older
-    summaries have no ``initial.val_loss``, see :func:`add_initial_val_loss`). Trained: not
-    diverged, and the last evaluation ≤ :data:`TRAINED_FRACTION` × the initial one.
+    (``non_finite``), or its last evaluation is above its initial one (``no_progress``; older
+    summaries have no ``initial.val_loss``, see :func:`add_initial_val_loss`), or its training
+    loss once rose above the divergence factor × its initial value (``max_spike``) and it never
+    trained after (``blown_up``: a spike that left it at chance, a hair below where it began,
+    is not a recovery). Trained: not diverged, and the last evaluation ≤
+    :data:`TRAINED_FRACTION` × the initial one.
     """
     if runs.empty:
         return runs.assign(diverged=pd.Series(dtype=bool), trained=pd.Series(dtype=bool))
     completed = (runs["status"] == "completed").to_numpy()
+    final = runs["final_val_loss"].to_numpy(float)
+    initial = runs["initial_val_loss"].to_numpy(float)
+    bar = TRAINED_FRACTION * initial
     non_finite = completed & ~np.isfinite(runs["val_loss"].to_numpy(float))
-    no_progress = (
-        completed
-        & ~non_finite
-        & (runs["final_val_loss"].to_numpy(float) > runs["initial_val_loss"].to_numpy(float))
-    )
+    no_progress = completed & ~non_finite & (final > initial)
+    with np.errstate(invalid="ignore"):  # an unknown spike or initial loss decides nothing
+        spiked = runs["max_spike"].to_numpy(float) > runs["divergence_factor"].to_numpy(float)
+        blown_up = completed & ~non_finite & ~no_progress & spiked & (final > bar)
     divergence = runs["divergence"].where(~non_finite, "non_finite")
     divergence = divergence.where(~no_progress, "no_progress")
-    diverged = (runs["status"] == "diverged").to_numpy() | non_finite | no_progress
-    trained = (
-        completed
-        & ~diverged
-        & (
-            runs["final_val_loss"].to_numpy(float)
-            <= TRAINED_FRACTION * runs["initial_val_loss"].to_numpy(float)
-        )
-    )
+    divergence = divergence.where(~blown_up, "blown_up")
+    diverged = (runs["status"] == "diverged").to_numpy() | non_finite | no_progress | blown_up
+    trained = completed & ~diverged & (final <= bar)
     return runs.assign(diverged=diverged, divergence=divergence, trained=trained)
 
 
