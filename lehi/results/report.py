@@ -42,8 +42,9 @@ def _intro(results: Results) -> list[str]:
         "that reached it (reached/seeds). Time to target = steps to target × per-step cost "
         "measured side by side (step_cost.json); without it, steps only, because sweep runs "
         "shared the cores and their wall times measure load. Diverged = runs that diverged "
-        "(non-finite loss, loss held above the divergence factor, or last validation loss "
-        "above the initial one) over the optimizer's whole LR grid.",
+        "(non-finite loss, loss held above the divergence factor, last validation loss "
+        "above the initial one, or a spike above the factor after which it never trained) "
+        "over the optimizer's whole LR grid.",
         "",
         _provenance_line(results),
         "",
