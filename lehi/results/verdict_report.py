@@ -31,7 +31,9 @@ def render_markdown(results: Results) -> str:
         "# Verdicts on confirmation seeds",
         "",
         "Each reading ran at the LR its tuning seeds chose (experiments/confirm_*.yaml), on "
-        "fresh seeds that chose nothing. Final val loss = mean of the last 3 evaluations. Δ = "
+        "fresh seeds that chose nothing; a reading an ablation nominated "
+        "(experiments/confirm_ablation_*.yaml: its best other LEHI reading, where its tuning "
+        "seeds put it below Adam) ran on the workload's seeds. Final val loss = mean of the last 3 evaluations. Δ = "
         "candidate − baseline (negative: the candidate is lower), 95 % BCa bootstrap CI; "
         "P(better) = P(candidate's loss < baseline's) = U/(n·m); p-values Holm-corrected over "
         "all rows of this table (statsmodels); detectable = smallest |Δ| these seeds detect "
