@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lehi.results import NO_RESULTS_HINT, Results, collect, write_summary
+from lehi.results.ablation import is_ablation
+from lehi.results.confirm import is_nominee_confirmation
 from lehi.results.findings import BEGIN, END, FindingsMarkersError, update_readme
 from lehi.results.stepcost import StepCostError
 
@@ -15,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 FigureFn = Callable[[Results, Path], list[Path]]
 """A figure producer: reads the computed tables, writes its files under the folder, returns them."""
+
+
+def drawn_alone(results: Results) -> list[dict]:
+    """The experiments with LR-sensitivity, loss-curve and cost figures of their own: not the
+    ablations (plots/ablation.py draws them) nor a nominee's confirmation (one reading at one
+    LR, judged beside its workload's readings in the verdicts and tuning-budget figures)."""
+    return [
+        e
+        for e in results.experiments()
+        if not is_ablation(e["experiment"]) and not is_nominee_confirmation(e["experiment"])
+    ]
 
 
 def no_results_message(root: Path | str) -> str:

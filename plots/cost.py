@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 
 from lehi.io import atomic_write_text
 from lehi.results import Results, render_cost_markdown, select_experiment
-from lehi.results.ablation import is_ablation
 from lehi.results.report import no_step_cost
 from plots import common
 from plots.style import color, experiment_heading, figure_stem, label, note, save
@@ -93,8 +92,7 @@ def figures(results: Results) -> dict[str, Figure]:
     """All cost figures, keyed by file stem."""
     return {
         figure_stem("cost", e["experiment"], e["scale"]): figure(results, e)
-        for e in results.experiments()
-        if not is_ablation(e["experiment"])  # the ablation has its own figure
+        for e in common.drawn_alone(results)
     }
 
 

@@ -26,7 +26,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lehi.results import Results, select_experiment
-from lehi.results.ablation import is_ablation
 from lehi.results.report import no_step_cost
 from lehi.results.stats import cell_curve
 from plots import common
@@ -134,8 +133,7 @@ def figures(results: Results) -> dict[str, Figure]:
     """All loss-curve figures, keyed by file stem."""
     return {
         figure_stem("loss_curves", e["experiment"], e["scale"]): figure(results, e)
-        for e in results.experiments()
-        if not is_ablation(e["experiment"])  # the ablation has its own figure
+        for e in common.drawn_alone(results)
     }
 
 

@@ -29,7 +29,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lehi.results import REFERENCE_OPTIMIZER, Results, select_experiment
-from lehi.results.ablation import is_ablation
 from plots import common
 from plots.style import (
     UNSTABLE_LABEL,
@@ -169,8 +168,7 @@ def figures(results: Results) -> dict[str, Figure]:
     """All LR-sensitivity figures, keyed by file stem."""
     return {
         figure_stem("lr_sensitivity", e["experiment"], e["scale"]): figure(results, e)
-        for e in results.experiments()
-        if not is_ablation(e["experiment"])  # the ablation has its own figure
+        for e in common.drawn_alone(results)
     }
 
 

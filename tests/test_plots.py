@@ -318,6 +318,19 @@ def test_relabelled_run_keeps_roster_colour(tree_copy: Path, caplog) -> None:
     assert legend[:4] == ["Adam", "Sophia", "LEHI", "lehi_slow"]
 
 
+def test_ablations_and_nominee_confirmations_get_no_figures_of_their_own(tree_copy: Path) -> None:
+    from helpers.results import write_run
+
+    for experiment in ("ablation_digits", "confirm_ablation_digits", "confirm_digits"):
+        for seed in (2, 3):
+            write_run(tree_copy, "lehi_eps_inside", 1e-3, seed, 0.3, experiment=experiment)
+    res = collect(tree_copy)
+    drawn = ["digits_small", "confirm_digits_small"]
+    for module, prefix in ((lr_sensitivity, "lr_sensitivity"), (loss_curves, "loss_curves")):
+        assert sorted(module.figures(res)) == sorted(f"{prefix}_{d}" for d in drawn)
+    assert sorted(cost.figures(res)) == sorted(f"cost_{d}" for d in drawn)
+
+
 def test_figure_list() -> None:
     # make_figures runs every producer in one list; another figure is one more entry
     assert make_figures.FIGURES == [

@@ -39,6 +39,7 @@ __all__ = [
     "confirm_name",
     "confirmation_experiments",
     "confirmed_workload",
+    "is_nominee_confirmation",
     "nominated",
     "optimizer_name",
     "preset",
@@ -89,6 +90,12 @@ def confirmed_workload(experiment: str) -> str | None:
     if not experiment.startswith(CONFIRM_PREFIX):
         return None
     return experiment.removeprefix(CONFIRM_PREFIX).removeprefix(ABLATION_PREFIX)
+
+
+def is_nominee_confirmation(experiment: str) -> bool:
+    """Whether ``experiment`` confirms an ablation's nominee (``confirm_ablation_<exp>``): one
+    reading, judged with its workload's confirmation, never on its own."""
+    return str(experiment).startswith(confirm_name(ABLATION_PREFIX))
 
 
 def confirmation_experiments(workload: str) -> tuple[str, str]:
