@@ -27,27 +27,14 @@ from lehi import roster
 from lehi.results import Results, select_experiment
 from lehi.results.ablation import ablation_cells, ablation_table, experiments
 from plots import common
-from plots.style import UNSTABLE_LABEL, experiment_heading, label, loss_label, save
-
-#: Qualitative colours for the readings that share the LEHI roster entry (tab10 without the
-#: blue, orange and pink that sit close to Adam's, LEHI's and LEHIBrid's roster colours).
-PALETTE = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
-LINESTYLES = ("-", "--", ":")  # once the palette is used up, colours repeat with a new dash
-
-
-def styles(labels: list[str], names: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """(colour, linestyle) per reading: the roster's for an unrelabelled roster optimizer
-    (Adam, LEHI, LEHIBrid), the palette in alphabetical order for the other readings, so a
-    reading has the same colour in every dataset's figure."""
-    known = set(roster.names())
-    out: dict[str, tuple[str, str]] = {}
-    others = sorted(lb for lb in labels if not (names[lb] == lb and lb in known))
-    for lb in labels:
-        if lb not in others:
-            out[lb] = (roster.color(lb), "-")
-    for i, lb in enumerate(others):
-        out[lb] = (PALETTE[i % len(PALETTE)], LINESTYLES[(i // len(PALETTE)) % len(LINESTYLES)])
-    return out
+from plots.style import (
+    UNSTABLE_LABEL,
+    experiment_heading,
+    label,
+    loss_label,
+    reading_styles,
+    save,
+)
 
 
 def _draw_reading(ax, strip, row: int, cells: pd.DataFrame, name: str, style) -> None:  # noqa: ANN001
@@ -73,7 +60,7 @@ def figure(results: Results, exp: dict[str, str], table: pd.DataFrame) -> Figure
     rows = select_experiment(table, exp)
     order = list(rows["optimizer"])
     names = dict(zip(rows["optimizer"], rows["optimizer_name"], strict=True))
-    style = styles(order, names)
+    style = reading_styles(order, names)
     fig = Figure(figsize=(12, 7), layout="constrained")
     strip, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, 3.2))
     ax.set_xscale("log")

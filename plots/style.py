@@ -33,8 +33,29 @@ __all__ = [
     "loss_label",
     "note",
     "rank",
+    "reading_styles",
     "save",
 ]
+
+#: Qualitative colours for the readings that share the LEHI roster entry (tab10 without the
+#: blue, orange and pink that sit close to Adam's, LEHI's and LEHIBrid's roster colours).
+PALETTE = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
+LINESTYLES = ("-", "--", ":")  # once the palette is used up, colours repeat with a new dash
+
+
+def reading_styles(labels: list[str], names: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """(colour, linestyle) per reading: the roster's for an unrelabelled roster optimizer
+    (Adam, LEHI, LEHIBrid, …), the palette in alphabetical order for the other readings (LEHI
+    under an option), so two readings of one optimizer never share a line."""
+    known = set(roster.names())
+    out: dict[str, tuple[str, str]] = {}
+    others = sorted(lb for lb in labels if not (names[lb] == lb and lb in known))
+    for lb in labels:
+        if lb not in others:
+            out[lb] = (roster.color(lb), "-")
+    for i, lb in enumerate(others):
+        out[lb] = (PALETTE[i % len(PALETTE)], LINESTYLES[(i // len(PALETTE)) % len(LINESTYLES)])
+    return out
 
 
 def color(name: str) -> str:

@@ -27,16 +27,17 @@ from lehi.results import Results
 from lehi.results import verdicts as V
 from lehi.results.confirm import optimizer_name
 from plots import common
-from plots.style import color, label, save
+from plots.style import label, reading_styles, save
 
 
 def tuning_budget_figure(budget, workload: str) -> Figure:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     rows = budget[budget["workload"] == workload]
+    readings = list(dict.fromkeys(rows["reading"]))
+    styles = reading_styles(readings, {r: optimizer_name(r) for r in readings})
     for reading, g in rows.groupby("reading", sort=False):
-        style = "--" if optimizer_name(reading) != reading else "-"  # a reading of an optimizer
-        c = color(optimizer_name(reading))
+        c, style = styles[reading]
         ax.plot(g["k"], g["expected_best"], style, marker="o", ms=3, color=c,
                 label=f"{label(reading, optimizer_name(reading))} ({g['tuning_experiment'].iloc[0]})")  # fmt: skip
         ax.fill_between(g["k"], g["low"], g["high"], color=c, alpha=0.15, lw=0)
@@ -54,12 +55,14 @@ def profile_figure(times) -> Figure:
     axes = fig.subplots(1, 2, sharey=True)
     scores = V.profiles(times)
     taus = np.linspace(1.0, V.R_MAX, 400)
+    readings = list(dict.fromkeys(scores["reading"]))
+    styles = reading_styles(readings, {r: optimizer_name(r) for r in readings})
     for ax, measure in zip(axes, ("time", "steps"), strict=True):
         for r in scores[scores["measure"] == measure].to_dict("records"):
             ratios = np.array(list(r["ratios"].values()), dtype=float)
             rho = [(ratios <= t).mean() for t in taus]
-            style = "--" if optimizer_name(r["reading"]) != r["reading"] else "-"
-            ax.step(taus, rho, style, where="post", color=color(optimizer_name(r["reading"])),
+            c, style = styles[r["reading"]]
+            ax.step(taus, rho, style, where="post", color=c,
                     label=f"{label(r['reading'], optimizer_name(r['reading']))}: {r['score']:.2f}")  # fmt: skip
         ax.set_xlabel("τ (ratio to the best reading on a workload)")
         ax.set_title(f"{measure} to target (score = area / {V.R_MAX - 1:g})", fontsize="small")
