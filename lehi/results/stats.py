@@ -16,7 +16,7 @@ import pandas as pd
 
 from lehi import roster
 from lehi.results import stepcost
-from lehi.results.store import CELL_KEYS, EXP_KEYS, sort_frame
+from lehi.results.store import CELL_KEYS, EXP_KEYS, sort_frame, spiked
 
 log = logging.getLogger("lehi.results")
 
@@ -65,11 +65,9 @@ def counts(runs: pd.DataFrame) -> np.ndarray:
 
 def unstable(runs: pd.DataFrame) -> np.ndarray:
     """Counted runs whose training loss once rose above divergence_factor × its initial value
-    and recovered ("unstable, recovered"); unknown (older summaries) counts as stable."""
-    spike = runs["max_spike"].to_numpy(float)
-    factor = runs["divergence_factor"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        return counts(runs) & (spike > factor)
+    and recovered ("unstable, recovered"; one that never trained again is diverged,
+    store.classify); unknown (older summaries) counts as stable."""
+    return counts(runs) & spiked(runs)
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:

@@ -228,6 +228,13 @@ def _run_row(record: RunRecord, root: Path) -> dict[str, Any]:
 TRAINED_FRACTION = 0.9
 
 
+def spiked(runs: pd.DataFrame) -> np.ndarray:
+    """Runs whose training loss once rose above their divergence factor × its initial value
+    (``max_spike``); an unknown spike or factor (older summaries) counts as no spike."""
+    with np.errstate(invalid="ignore"):
+        return runs["max_spike"].to_numpy(float) > runs["divergence_factor"].to_numpy(float)
+
+
 def classify(runs: pd.DataFrame) -> pd.DataFrame:
     """Set ``diverged``, ``divergence`` and ``trained`` from the recorded facts: the rules that
     the finished rows decide, judged here so that changing one never changes a run.
@@ -249,9 +256,8 @@ def classify(runs: pd.DataFrame) -> pd.DataFrame:
     bar = TRAINED_FRACTION * initial
     non_finite = completed & ~np.isfinite(runs["val_loss"].to_numpy(float))
     no_progress = completed & ~non_finite & (final > initial)
-    with np.errstate(invalid="ignore"):  # an unknown spike or initial loss decides nothing
-        spiked = runs["max_spike"].to_numpy(float) > runs["divergence_factor"].to_numpy(float)
-        blown_up = completed & ~non_finite & ~no_progress & spiked & (final > bar)
+    with np.errstate(invalid="ignore"):  # an unknown initial loss decides nothing
+        blown_up = completed & ~non_finite & ~no_progress & spiked(runs) & (final > bar)
     divergence = runs["divergence"].where(~non_finite, "non_finite")
     divergence = divergence.where(~no_progress, "no_progress")
     divergence = divergence.where(~blown_up, "blown_up")
